@@ -1,0 +1,210 @@
+"""Evaluate CLIP on a continual-learning setting, and the paper's metrics.
+
+    python eval.py --setting mtil --data-dir ~/data               # OpenAI CLIP zero-shot
+    python eval.py --setting xtail --model out/checkpoint.pt      # a model trained by train.py
+
+A[t, j] is the top-1 accuracy (%) on dataset j after training task t. MTIL evaluates
+task-aware (each image among its own dataset's classes, template ensemble); X-TAIL
+evaluates task-agnostic (each image among the union of every dataset's classes).
+train.py imports the functions below; run alone, this script writes one row.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import clip_model
+import data
+
+# -----------------------------------------------------------------------------
+# metrics (ZSCL / RAIL definitions; SPEC section 3). acc: rows = tasks finished, columns = datasets
+
+
+def transfer(acc):
+    """Zero-shot transfer: for each dataset j > 0, the mean of A[t, j] over the rows t < j."""
+    per = [sum(row[j] for row in acc[:j]) / len(acc[:j]) for j in range(1, len(acc[0]))]
+    return sum(per) / len(per), [None] + per
+
+
+def average(acc):
+    """For each dataset, the mean over all rows (every evaluation of the sequence)."""
+    per = [sum(col) / len(col) for col in zip(*acc)]
+    return sum(per) / len(per), per
+
+
+def last(acc):
+    """The accuracy on each dataset after the last task."""
+    per = list(acc[-1])
+    return sum(per) / len(per), per
+
+
+def compute_metrics(acc):
+    return {name: dict(zip(("mean", "per_dataset"), fn(acc)))
+            for name, fn in (("transfer", transfer), ("average", average), ("last", last))}
+
+
+def format_row(label, values, width=7):
+    cells = "".join(f"{'-' if v is None else f'{v:.1f}':>{width}}" for v in values)
+    return f"{label:<10}{cells}"
+
+
+def format_matrix(acc, datasets):
+    """The accuracy matrix so far, one row per finished task, with each row's mean."""
+    lines = [format_row("after", []) + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"]
+    for t, row in enumerate(acc):
+        lines.append(format_row(datasets[t][:9], row + [sum(row) / len(row)]))
+    return "\n".join(lines)
+
+
+def format_table(metrics, datasets):
+    """The paper's table: Transfer, Average and Last rows, one column per dataset, plus the mean."""
+    lines = [format_row("", []) + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"]
+    for name in ("transfer", "average", "last"):
+        m = metrics[name]
+        lines.append(format_row(name.capitalize(), m["per_dataset"] + [m["mean"]]))
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def class_features(model, classnames, templates, device):
+    """(C, E) normalised text features, each the normalised mean over the template ensemble."""
+    tokens = clip_model.tokenize([t.format(c) for c in classnames for t in templates]).to(device)
+    feats = torch.cat([model.encode_text(chunk) for chunk in tokens.split(1024)]).float()
+    feats = F.normalize(feats, dim=-1).view(len(classnames), len(templates), -1).mean(1)  # (C, E)
+    return F.normalize(feats, dim=-1)
+
+
+@torch.no_grad()
+def image_features(model, dataset, device, batch_size, workers):
+    """(N, E) normalised image features and (N,) labels of a whole test set."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate(model, tasks, union, device, batch_size=256, workers=2):
+    """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix.
+
+    union=False: task-aware, each image among its own task's classes (MTIL).
+    union=True: task-agnostic, each image among all tasks' classes; its target is its
+    local label plus the number of classes of the tasks before it (X-TAIL).
+    """
+    was_training = model.training
+    model.eval()
+    texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
+    offsets = [sum(len(t.classnames) for t in tasks[:i]) for i in range(len(tasks))]
+    row = []
+    for task, text, offset in zip(tasks, texts, offsets):
+        img, labels = image_features(model, task.test, device, batch_size, workers)
+        if union:
+            pred = (img @ torch.cat(texts).T).argmax(-1) - offset
+        else:
+            pred = (img @ text.T).argmax(-1)
+        row.append(100.0 * (pred == labels).float().mean().item())
+    model.train(was_training)
+    return row
+
+# -----------------------------------------------------------------------------
+# shared by train.py and eval.py
+
+
+def load_model(name, setting, seed):
+    """An OpenAI model name or weight file, a checkpoint of this project, or the tiny world's CLIP."""
+    if setting == "tiny" and name in (None, "tiny"):
+        import tiny_world
+        return tiny_world.pretrained_tiny_clip(seed=0)
+    return clip_model.load(name or "ViT-B/16")
+
+
+def write_json(path, obj):
+    """Write atomically: an interrupted run never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def pick_device(name):
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"device: {device}" + (" (bf16 autocast, fp32 weights)" if device.type == "cuda" else " (fp32)"))
+    return device
+
+
+def add_common_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--setting", choices=["tiny", "mtil", "xtail"], default="tiny",
+                   help="task sequence: the offline tiny world, MTIL (Table 2) or X-TAIL (Table 1)")
+    g.add_argument("--data-dir", default="data", help="folder holding the datasets (see README)")
+    g.add_argument("--datasets", help="comma-separated datasets, in order (default: the setting's order)")
+    g.add_argument("--download", action="store_true", help="download the datasets torchvision can fetch")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="OpenAI model name (default ViT-B/16), OpenAI weight file, or a "
+                                   "checkpoint.pt of this project; the tiny setting has its own")
+    g = p.add_argument_group("system")
+    g.add_argument("--out", default="out", help="output folder for results.json (and checkpoints)")
+    g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    g.add_argument("--seed", type=int, default=8, help="random seed (the released code's is 8)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
+    g.add_argument("--workers", type=int, default=2, help="data-loader processes")
+    return p
+
+
+def check_common_args(p, args):
+    if args.datasets:
+        args.datasets = args.datasets.split(",")
+        known = data.SETTINGS.get(args.setting, {}).get("datasets", [])
+        unknown = [d for d in args.datasets if d not in known]
+        if unknown:
+            p.error(f"unknown dataset(s) {','.join(unknown)} for --setting {args.setting}; "
+                    f"choose from {','.join(known)}")
+    if args.eval_batch_size < 1 or args.workers < 0:
+        p.error("--eval-batch-size must be >= 1 and --workers >= 0")
+
+
+def main():
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    args = p.parse_args()
+    check_common_args(p, args)
+    results_path = os.path.join(args.out, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        p.error(f"{results_path} exists; pass --overwrite or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    device = pick_device(args.device)
+    try:
+        tasks = data.load_tasks(args.setting, args.data_dir, seed=args.seed,
+                                datasets=args.datasets, download=args.download)
+        model = load_model(args.model, args.setting, args.seed).to(device)
+    except (data.DataError, clip_model.CLIPLoadError) as e:
+        sys.exit(f"error: {e}")
+    for task in tasks:
+        task.test.transform = clip_model.transform(False, model.visual.input_resolution)
+    union = data.SETTINGS[args.setting]["eval"] == "union"
+    start = time.time()
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        row = evaluate(model, tasks, union, device, args.eval_batch_size, args.workers)
+    names = [t.name for t in tasks]
+    metrics = compute_metrics([row])
+    print(format_row("", []) + "".join(f"{d[:6]:>7}" for d in names) + "   mean")
+    print(format_row("accuracy", row + [metrics["average"]["mean"]]))
+    print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
+    write_json(results_path, {"setting": args.setting, "datasets": names, "acc": [row],
+                              "metrics": metrics, "seconds": time.time() - start, "args": vars(args)})
+    print(f"wrote {results_path}")
+
+
+if __name__ == "__main__":
+    main()
