@@ -1,0 +1,176 @@
+"""CoDyRA: continual learning with dynamic rank-selective LoRA, in one file that needs only torch.
+
+For every adapted linear layer with frozen weight W0 (d_out, d_in):
+
+    W = W0 + B diag(g) A          A (r, d_in), B (d_out, r), g (r,) the importance of each rank   [Eq. 2]
+    minimise L_sup + lambda * sum_m ||g_m||_1 over the adapted layers m                            [Eq. 3]
+    after every optimizer step:  g <- S_tau(g)                                                     [Eq. 4-6]
+    S_tau(x) = sign(x) * max(|x| - tau, 0)                                                         [Eq. 7]
+
+The L1 term is never added to the loss: the proximal step (soft-thresholding g) is what makes g
+sparse. tau is 0 during a dense phase and then rises to kappa_max (`threshold_schedule`). After a
+task, `merge` drops the ranks whose g is zero, folds W0 <- W0 + B diag(g) A and puts the plain
+nn.Linear back; the next task injects fresh adapters. No alpha/r scaling is used.
+A ~ kaiming_uniform(a=sqrt(5)), B = 0, g ~ N(0, 1), as in the authors' released code.
+
+Threshold operator: this file implements the true S_tau of Eq. 7. The released code instead runs
+three masked in-place updates in sequence (g[g > tau] -= tau; g[g < -tau] += tau;
+g[|g| < tau] = 0), so a value in (tau, 2 tau) is first shrunk below tau and then zeroed: it
+zeroes every |g| < 2 tau (and leaves |g| == tau untouched).
+
+The plain LoRA baseline is the same layer without `proximal_step`: g stays dense and acts as a
+learned per-rank scale, and `merge` folds all r ranks.
+
+Recipe (one task):
+
+    inject(model, rank=16, where=clip_placement())        # fresh adapters, everything else frozen
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    for it in range(iterations):
+        ...; loss.backward(); opt.step(); opt.zero_grad()
+        proximal_step(model, threshold_schedule(it, iterations, dense_ratio, kappa_max))
+    merge(model)                                          # same architecture as before inject
+
+NOTE: an adapter only acts if its module's forward() runs. nn.MultiheadAttention (torchvision's
+ViT, nn.Transformer) reads out_proj.weight directly, so `inject` refuses to wrap that out_proj:
+exclude it with `where`. Other modules that read a Linear's .weight directly fail with an
+AttributeError, since CoDyRALinear has no .weight of its own.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the layer
+
+
+class CoDyRALinear(nn.Module):
+    """A frozen nn.Linear plus B diag(g) A (Eq. 2). Adapter parameters share the `lora_` prefix, so
+    the adapter-only state dict is {k: v for k, v in model.state_dict().items() if 'lora_' in k}.
+    Without `proximal_step` this is the plain LoRA baseline (g then is a learned per-rank scale)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.base = base.requires_grad_(False)
+        w = base.weight  # adapters follow its device and dtype
+        self.lora_A = nn.Parameter(w.new_empty(rank, base.in_features))    # (r, d_in)
+        self.lora_B = nn.Parameter(w.new_zeros(base.out_features, rank))   # (d_out, r)
+        self.lora_g = nn.Parameter(w.new_empty(rank).normal_())            # (r,)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A) * self.lora_g, self.lora_B)
+
+    def extra_repr(self):
+        return f"rank={self.lora_g.numel()}"
+
+
+def _adapters(model):
+    """(name, CoDyRALinear) pairs of a model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CoDyRALinear)]
+
+# -----------------------------------------------------------------------------
+# placement: inject, and the CLIP placements of the paper's ablations
+
+
+def inject(model, rank, where=None):
+    """Wrap every nn.Linear whose qualified name satisfies where(name) (None: every nn.Linear) in a
+    CoDyRALinear of this rank and freeze every other parameter. The root module itself is never
+    wrapped. Returns the model, changed in place."""
+    if _adapters(model):
+        raise RuntimeError("model already has CoDyRA adapters; merge(model) before injecting new ones")
+    targets = [(n, m) for n, m in model.named_modules()
+               if n and isinstance(m, nn.Linear) and (where is None or where(n))]
+    parents = [model.get_submodule(n.rpartition(".")[0]) for n, _ in targets]
+    for (name, _), parent in zip(targets, parents):
+        if isinstance(parent, nn.MultiheadAttention):  # checked before anything is wrapped
+            raise ValueError(f"{name}: nn.MultiheadAttention reads this weight directly, bypassing "
+                             "forward(), so an adapter there would never run; exclude it with `where`")
+    for (name, linear), parent in zip(targets, parents):
+        setattr(parent, name.rpartition(".")[2], CoDyRALinear(linear, rank))
+    model.requires_grad_(False)
+    for _, m in _adapters(model):
+        for p in (m.lora_A, m.lora_B, m.lora_g):
+            p.requires_grad_(True)
+    return model
+
+
+CLIP_LAYERS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "out": "attn.out_proj",
+               "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}
+CLIP_ENCODERS = {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}
+
+
+def clip_placement(encoders="both", layers=tuple(CLIP_LAYERS)):
+    """A `where` predicate for clip_model.CLIP's module names. encoders: "vision", "text" or "both";
+    layers: any non-empty subset of CLIP_LAYERS (the paper's default is all six, both encoders)."""
+    if encoders not in ("vision", "text", "both"):
+        raise ValueError(f"encoders must be 'vision', 'text' or 'both', got {encoders!r}")
+    unknown = [x for x in layers if x not in CLIP_LAYERS]
+    if unknown or not layers:
+        raise ValueError(f"layers must be a non-empty subset of {', '.join(CLIP_LAYERS)}; got {list(layers)}")
+    blocks = [p for e, p in CLIP_ENCODERS.items() if encoders in (e, "both")]
+    pattern = re.compile(rf"({'|'.join(blocks)})\.\d+\.({'|'.join(CLIP_LAYERS[x] for x in layers)})")
+    return lambda name: pattern.fullmatch(name) is not None
+
+# -----------------------------------------------------------------------------
+# rank selection: the proximal step (Eq. 4-7) and its threshold schedule
+
+
+def soft_threshold(x, tau):
+    """S_tau(x) = sign(x) * max(|x| - tau, 0), the proximal operator of tau * ||x||_1 (Eq. 7)."""
+    return torch.sign(x) * torch.clamp(x.abs() - tau, min=0)
+
+
+def threshold_schedule(iteration, iterations, dense_ratio, kappa_max, levels=50):
+    """tau after optimizer step `iteration` (0-based) of a task, as in the released code: 0 for
+    iterations 0 .. dense_ratio * iterations (the dense phase, both ends included), then `levels`
+    equally spaced values from 0 to kappa_max (np.linspace), one more every
+    (iterations - dense) // levels steps counted on the global iteration, then kappa_max.
+    tau is absolute, not multiplied by the learning rate. Same values as the released code whenever
+    dense_ratio * iterations is a whole number (it compares floats)."""
+    dense = round(dense_ratio * iterations)
+    if iteration <= dense:
+        return 0.0
+    # NOTE: with fewer sparse iterations than levels the released code's step is 0 and tau stays 0
+    # for the whole task; here the ramp is shortened to one level per iteration instead, so tau
+    # still reaches kappa_max before the task ends.
+    levels = max(2, min(levels, iterations - dense))
+    every = max(1, (iterations - dense) // levels)
+    level = iteration // every - (dense - 1) // every  # multiples of `every` in [dense, iteration]
+    return kappa_max * min(level, levels - 1) / (levels - 1)
+
+
+@torch.no_grad()
+def proximal_step(model, tau):
+    """g <- S_tau(g) in place for every adapter of the model; call it right after optimizer.step()."""
+    for _, m in _adapters(model):
+        m.lora_g.copy_(soft_threshold(m.lora_g, tau))
+
+
+def rank_stats(model):
+    """{module name: number of active ranks (g != 0)} for every adapter of the model."""
+    return {n: int(torch.count_nonzero(m.lora_g)) for n, m in _adapters(model)}
+
+# -----------------------------------------------------------------------------
+# merge: back to the original architecture
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold every adapter into its base weight, W0 <- W0 + B diag(g) A over the ranks with g != 0,
+    and put the base nn.Linear back in its place: the model then has exactly the architecture,
+    state-dict keys and inference cost of a never-injected one. Idempotent (a model without
+    adapters is left as it is). requires_grad is not touched: what inject froze stays frozen.
+    Returns the model, changed in place."""
+    if isinstance(model, CoDyRALinear):
+        raise TypeError("merge needs the module that holds the CoDyRALinear, to put the nn.Linear back")
+    for name, m in _adapters(model):
+        keep = m.lora_g != 0
+        m.base.weight += (m.lora_B[:, keep] * m.lora_g[keep]) @ m.lora_A[keep]  # (d_out, d_in)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, m.base)
+    return model
