@@ -145,12 +145,12 @@ def test_merge_keeps_logits_and_restores_architecture():
 def test_second_task_starts_from_merged_weights():
     """inject-train-merge twice: task 2 starts from task 1's merged weights and adds its own B diag(g) A."""
     model, batch = tiny_clip(), clip_batch()
-    w0 = model.state_dict()["visual.transformer.resblocks.0.mlp.c_fc.weight"].clone()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
     codyra.inject(model, 4)
     train(model, clip_loss(batch))
     codyra.merge(model)
     w1 = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not torch.allclose(w1["visual.transformer.resblocks.0.mlp.c_fc.weight"], w0)
+    assert any(not torch.allclose(w1[k], w0[k]) for k in w0)  # task 1 did move the weights
     with torch.no_grad():
         merged_logits = model(*batch[:2])
         codyra.inject(model, 4)
