@@ -112,8 +112,8 @@ def clip_placement(encoders="both", layers=tuple(CLIP_LAYERS)):
     unknown = [x for x in layers if x not in CLIP_LAYERS]
     if unknown or not layers:
         raise ValueError(f"layers must be a non-empty subset of {', '.join(CLIP_LAYERS)}; got {list(layers)}")
-    blocks = [p for e, p in CLIP_ENCODERS.items() if encoders in (e, "both")]
-    pattern = re.compile(rf"({'|'.join(blocks)})\.\d+\.({'|'.join(CLIP_LAYERS[x] for x in layers)})")
+    blocks = "|".join(re.escape(p) for e, p in CLIP_ENCODERS.items() if encoders in (e, "both"))
+    pattern = re.compile(rf"({blocks})\.\d+\.({'|'.join(re.escape(CLIP_LAYERS[x]) for x in layers)})")
     return lambda name: pattern.fullmatch(name) is not None
 
 # -----------------------------------------------------------------------------
@@ -126,11 +126,12 @@ def soft_threshold(x, tau):
 
 
 def threshold_schedule(iteration, iterations, dense_ratio, kappa_max, levels=50):
-    """tau after optimizer step `iteration` (0-based) of a task, as in the released code: 0 for
-    iterations 0 .. dense_ratio * iterations (the dense phase, both ends included), then `levels`
-    equally spaced values from 0 to kappa_max (np.linspace), one more every
-    (iterations - dense) // levels steps counted on the global iteration, then kappa_max.
-    tau is absolute, not multiplied by the learning rate. Same values as the released code whenever
+    """tau to apply after optimizer step `iteration` (0-based) of a task, as in the released code:
+    0 through the dense phase, iterations 0 .. dense = dense_ratio * iterations inclusive (the
+    released code thresholds only when iteration > dense); then the `levels` values of
+    np.linspace(0, kappa_max, levels), moving up one at every multiple of
+    (iterations - dense) // levels from `dense` on; then kappa_max. tau is absolute: it is not
+    multiplied by the learning rate. The values equal the released code's whenever
     dense_ratio * iterations is a whole number (it compares floats)."""
     dense = round(dense_ratio * iterations)
     if iteration <= dense:
