@@ -1,0 +1,407 @@
+"""Tests of data.py on tiny copies of every on-disk layout, written into tmp_path.
+
+`write_fake_layout(root, setting)` is the shared fixture: real folder and file names, a few
+8x8 images per class, real split-file formats (CoOp JSON, torchvision txt/json/.mat/pickle/idx).
+"""
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io  # writes the tiny Flowers102 / StanfordCars .mat files
+import torch
+from PIL import Image
+
+import data
+
+# the first three classes of every dataset: (folder or raw name on disk, name in a CoOp split file)
+FAKE_CLASSES = {
+    "aircraft": ["707-320", "727-200", "737-200"],
+    "caltech101": [("Faces", "face"), ("Faces_easy", "face easy"), ("Leopards", "leopard")],
+    "cifar100": ["apple", "aquarium_fish", "baby"],
+    "dtd": ["banded", "blotchy", "braided"],
+    "eurosat": [("AnnualCrop", "Annual Crop Land"), ("Forest", "Forest"),
+                ("HerbaceousVegetation", "Herbaceous Vegetation Land")],
+    "flowers": ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
+    "food": ["apple_pie", "baby_back_ribs", "baklava"],
+    "pets": ["Abyssinian", "american_bulldog", "american_pit_bull_terrier"],
+    "cars": [("AM General Hummer SUV 2000", "2000 AM General Hummer SUV"),
+             ("Acura RL Sedan 2012", "2012 Acura RL Sedan"), ("Acura TL Sedan 2012", "2012 Acura TL Sedan")],
+    "sun397": [("a/abbey", "abbey"), ("a/apartment_building/outdoor", "outdoor apartment building"),
+               ("b/bakery/shop", "shop bakery")],
+}
+
+# what load_tasks must name them (first three classes)
+EXPECTED = {
+    "mtil": {
+        "aircraft": ["707-320", "727-200", "737-200"],
+        "caltech101": ["off-center face", "centered face", "leopard"],
+        "cifar100": ["apple", "aquarium fish", "baby"],
+        "dtd": ["banded", "blotchy", "braided"],
+        "eurosat": ["annual crop land", "forest", "brushland or shrubland"],
+        "flowers": ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
+        "food": ["apple pie", "baby back ribs", "baklava"],
+        "mnist": data.MNIST_CLASSES,
+        "pets": ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"],
+        "cars": ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"],
+        "sun397": ["abbey", "apartment building/outdoor", "bakery/shop"],
+    },
+    "xtail": {
+        "aircraft": ["707-320", "727-200", "737-200"],
+        "caltech101": ["face", "face easy", "leopard"],
+        "dtd": ["banded", "blotchy", "braided"],
+        "eurosat": ["Annual Crop Land satellite location", "Forest satellite location",
+                    "Herbaceous Vegetation Land satellite location"],
+        "flowers": ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
+        "food": ["apple pie", "baby back ribs", "baklava"],
+        "mnist": data.MNIST_CLASSES,
+        "pets": ["abyssinian", "american bulldog", "american pit bull terrier"],
+        "cars": ["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 Acura TL Sedan"],
+        "sun397": ["abbey", "outdoor apartment building", "shop bakery"],
+    },
+}
+SPLIT_80_20 = ("caltech101", "eurosat", "sun397")  # torchvision layout only
+
+
+def _jpeg():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _touch(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+
+def _idx(array):
+    """An MNIST idx file: 0, 0, 0x08 (uint8), ndim, big-endian sizes, data."""
+    return bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.tobytes()
+
+
+def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
+    """Write a tiny copy of every dataset of `setting` ("mtil": torchvision, "xtail": CoOp) under root.
+
+    Each class gets images_per_class train and images_per_class test images (the 80/20 datasets
+    get 2 * images_per_class in all); MNIST uses labels 0..classes_per_dataset-1 of its 10.
+    """
+    C, K = classes_per_dataset, images_per_class
+    assert 1 <= C <= 3
+    jpg = _jpeg()
+    splits = ("train", "test")
+    coop = setting == "xtail"
+
+    def images(folder, names):  # write each relative path as a jpg under folder
+        for n in names:
+            _touch(folder / n, jpg)
+
+    def coop_split(folder, split_file, image_dir, rel):  # rel(split, c, i) -> path under image_dir
+        items = {s: [[rel(s, c, i), c, raw[c][1]] for c in range(C) for i in range(K)] for s in splits}
+        images(folder / image_dir, [it[0] for s in splits for it in items[s]])
+        _touch(folder / split_file, json.dumps({"train": items["train"], "val": [], "test": items["test"]}))
+
+    for name in data.SETTINGS[setting]["datasets"]:
+        raw = FAKE_CLASSES.get(name, [])[:C]
+        if name == "aircraft":
+            d = root / ("fgvc_aircraft" if coop else "fgvc-aircraft-2013b/data")
+            _touch(d / "variants.txt", "".join(v + "\n" for v in raw))
+            for s in splits:
+                ids = [f"{s}{c}{i}" for c in range(C) for i in range(K)]
+                _touch(d / f"images_variant_{s}.txt", "".join(f"{x} {raw[int(x[-2])]}\n" for x in ids))
+                images(d / "images", [f"{x}.jpg" for x in ids])
+        elif name == "mnist":
+            for s, prefix in zip(splits, ("train", "t10k")):
+                labels = np.repeat(np.arange(C, dtype=np.uint8), K)
+                _touch(root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", _idx(labels))
+                _touch(root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte",
+                       _idx(np.full((len(labels), 28, 28), 255, np.uint8)))
+        elif coop:
+            folder, split_file, image_dir = {
+                "caltech101": ("caltech-101", "split_zhou_Caltech101.json", "101_ObjectCategories"),
+                "dtd": ("dtd", "split_zhou_DescribableTextures.json", "images"),
+                "eurosat": ("eurosat", "split_zhou_EuroSAT.json", "2750"),
+                "flowers": ("oxford_flowers", "split_zhou_OxfordFlowers.json", "jpg"),
+                "food": ("food-101", "split_zhou_Food101.json", "images"),
+                "pets": ("oxford_pets", "split_zhou_OxfordPets.json", "images"),
+                "cars": ("stanford_cars", "split_zhou_StanfordCars.json", ""),
+                "sun397": ("sun397", "split_zhou_SUN397.json", "SUN397"),
+            }[name]
+            if name in ("flowers", "food", "pets", "dtd"):
+                raw = [(r, r) for r in raw]
+            if name == "pets":
+                raw = [(r, r.lower()) for r, _ in raw]
+            rel = {
+                "flowers": lambda s, c, i: f"image_{100 * c + 10 * (s == 'test') + i + 1:05d}.jpg",
+                "pets": lambda s, c, i: f"{raw[c][0]}_{s}{i}.jpg",
+                "cars": lambda s, c, i: f"cars_{s}/{c:02d}{i:03d}.jpg",
+            }.get(name, lambda s, c, i: f"{raw[c][0]}/{s}_{i}.jpg")
+            coop_split(root / folder, split_file, image_dir, rel)
+        elif name == "caltech101":
+            d = root / "caltech101/101_ObjectCategories"
+            for folder in ["BACKGROUND_Google"] + [f for f, _ in raw]:
+                images(d / folder, [f"image_{i + 1:04d}.jpg" for i in range(2 * K)])
+        elif name == "cifar100":
+            d = root / "cifar-100-python"
+            _touch(d / "meta", pickle.dumps({"fine_label_names": raw, "coarse_label_names": ["x"]}))
+            for s in splits:
+                _touch(d / s, pickle.dumps({"data": np.zeros((C * K, 3072), np.uint8),
+                                            "fine_labels": [c for c in range(C) for _ in range(K)]}))
+        elif name == "dtd":
+            d = root / "dtd/dtd"
+            for s in splits:
+                rows = [f"{t}/{t}_{s}{i}.jpg" for t in reversed(raw) for i in range(K)]  # file order != label order
+                _touch(d / "labels" / f"{s}1.txt", "".join(r + "\n" for r in rows))
+                images(d / "images", rows)
+        elif name == "eurosat":
+            for folder, _ in raw:
+                images(root / "eurosat/2750" / folder, [f"{folder}_{i + 1}.jpg" for i in range(2 * K)])
+        elif name == "flowers":
+            d = root / "flowers-102"
+            n = 2 * C * K  # image c*2K + j has class c; the first K of a class are train
+            ids = {s: [c * 2 * K + (s == "test") * K + i + 1 for c in range(C) for i in range(K)] for s in splits}
+            d.mkdir(parents=True)
+            scipy.io.savemat(d / "imagelabels.mat",
+                             {"labels": np.repeat(np.arange(1, C + 1), 2 * K)[None].astype(np.uint8)})
+            scipy.io.savemat(d / "setid.mat", {"trnid": np.array([ids["train"]], np.uint16),
+                                               "valid": np.array([[n + 1]], np.uint16),
+                                               "tstid": np.array([ids["test"]], np.uint16)})
+            images(d / "jpg", [f"image_{i:05d}.jpg" for s in splits for i in ids[s]])
+        elif name == "food":
+            d = root / "food-101"
+            for s in splits:
+                meta = {c: [f"{c}/{s}{i}" for i in range(K)] for c in reversed(raw)}
+                _touch(d / "meta" / f"{s}.json", json.dumps(meta))
+                images(d / "images", [f"{r}.jpg" for rs in meta.values() for r in rs])
+        elif name == "pets":
+            d = root / "oxford-iiit-pet"
+            for s, f in zip(splits, ("trainval", "test")):
+                rows = [(f"{raw[c]}_{s}{i}", c) for c in range(C) for i in range(K)]
+                _touch(d / "annotations" / f"{f}.txt", "".join(f"{x} {c + 1} {1 + (c > 0)} 1\n" for x, c in rows))
+                images(d / "images", [f"{x}.jpg" for x, _ in rows])
+        elif name == "cars":
+            d = root / "stanford_cars"
+            (d / "devkit").mkdir(parents=True)
+            scipy.io.savemat(d / "devkit/cars_meta.mat",
+                             {"class_names": np.array([[r for r, _ in raw]], dtype=object)})
+            for s, mat in zip(splits, ("devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat")):
+                annos = np.zeros((1, C * K), dtype=[("bbox_x1", "O"), ("class", "O"), ("fname", "O")])
+                for j in range(C * K):
+                    annos[0, j] = (np.array([[1]]), np.array([[j // K + 1]], np.uint8), f"{j + 1:05d}.jpg")
+                scipy.io.savemat(d / mat, {"annotations": annos})
+                images(d / f"cars_{s}", [f"{j + 1:05d}.jpg" for j in range(C * K)])
+        elif name == "sun397":
+            d = root / "SUN397"
+            _touch(d / "ClassName.txt", "".join(f"/{r}\n" for r, _ in raw))
+            for r, _ in raw:
+                images(d / r, [f"sun_{r.replace('/', '')}{i}.jpg" for i in range(2 * K)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def mtil_root(tmp_path_factory):
+    return write_fake_layout(tmp_path_factory.mktemp("mtil"), "mtil")
+
+
+@pytest.fixture(scope="module")
+def xtail_root(tmp_path_factory):
+    return write_fake_layout(tmp_path_factory.mktemp("xtail"), "xtail")
+
+
+# ----------------------------------------------------------------------------------------------
+# Must show 1: every layout loads with the right names, counts, label order and split sizes
+
+@pytest.mark.parametrize("setting", ["mtil", "xtail"])
+def test_every_dataset_loads_with_names_counts_and_split_sizes(setting, request):
+    """Both layouts give every dataset in order with its class names, templates, labels and sizes."""
+    root = request.getfixturevalue(f"{setting}_root")
+    tasks = data.load_tasks(setting, root, shots=0)
+    assert [t.name for t in tasks] == list(data.SETTINGS[setting]["datasets"])
+    for t in tasks:
+        assert t.classnames == EXPECTED[setting][t.name], t.name
+        n = len(t.train) + len(t.test)
+        if setting == "mtil" and t.name in SPLIT_80_20:
+            assert (len(t.train), len(t.test)) == (int(0.8 * n), n - int(0.8 * n)) == (9, 3), t.name
+        else:
+            assert len(t.train) == len(t.test) == 6, t.name
+            assert sorted(t.train.labels) == sorted(t.test.labels) == [0, 0, 1, 1, 2, 2], t.name
+        assert set(t.train.labels) | set(t.test.labels) == {0, 1, 2}, t.name
+        if setting == "mtil":
+            assert t.templates == data.ASSETS["mtil"][t.name]["templates"]
+        else:
+            assert t.templates == [data.ASSETS["xtail"][t.name]["template"]]
+
+
+def test_labels_follow_the_class_not_the_file_order(mtil_root):
+    """Each image's label is its own class's index, whatever order the split file lists it in."""
+    tasks = {t.name: t for t in data.load_tasks("mtil", mtil_root, shots=0)}
+    for name, folder_of in [("dtd", lambda p: p.split("/")[-2]), ("food", lambda p: p.split("/")[-2]),
+                            ("caltech101", lambda p: p.split("/")[-2])]:
+        raw = [r if isinstance(r, str) else r[0] for r in FAKE_CLASSES[name]]
+        for path, label in zip(tasks[name].train.images, tasks[name].train.labels):
+            assert raw[label] == folder_of(path), (name, path)
+    assert all("BACKGROUND_Google" not in p for p in tasks["caltech101"].train.images)
+
+
+def test_items_decode_to_transformed_rgb(xtail_root):
+    """__getitem__ gives (transform(PIL RGB image), label) for file and array datasets alike."""
+    tasks = {t.name: t for t in data.load_tasks("xtail", xtail_root, shots=0, datasets=["mnist", "pets"])}
+    for t in tasks.values():
+        img, label = t.test[0]
+        assert img.mode == "RGB" and label == t.test.labels[0]
+        t.test.transform = lambda im: im.size
+        assert t.test[0][0] == ((28, 28) if t.name == "mnist" else (8, 8))
+        sub = t.test.subset([5, 0])
+        assert sub.labels == [t.test.labels[5], t.test.labels[0]] and sub[0][0] == t.test[5][0]
+
+
+def test_coop_folder_name_variants(tmp_path):
+    """CoOp data also loads from torchvision-style folder names (caltech101/, dtd/dtd/, oxford-iiit-pet/)."""
+    root = write_fake_layout(tmp_path, "xtail")
+    (root / "caltech-101").rename(root / "caltech101")
+    (root / "dtd").rename(root / "dtd_tmp")
+    (root / "dtd").mkdir()
+    (root / "dtd_tmp").rename(root / "dtd/dtd")
+    (root / "oxford_pets").rename(root / "oxford-iiit-pet")
+    tasks = data.load_tasks("xtail", root, shots=0, datasets=["caltech101", "dtd", "pets"])
+    assert [t.classnames for t in tasks] == [EXPECTED["xtail"][n] for n in ("caltech101", "dtd", "pets")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Must show 2: the 80/20 rule and the few-shot sampler
+
+def test_80_20_split_is_zscl_random_split_seed_42(mtil_root):
+    """caltech101's split equals torch's random_split(seed 42) over torchvision's sorted index."""
+    root = mtil_root / "caltech101/101_ObjectCategories"
+    index = [str(root / c / f) for c in sorted(c for c, _ in FAKE_CLASSES["caltech101"])
+             for f in sorted(p.name for p in (root / c).iterdir())]
+    train, test = torch.utils.data.random_split(
+        index, [int(0.8 * len(index)), len(index) - int(0.8 * len(index))],
+        generator=torch.Generator().manual_seed(42))
+    task = data.load_tasks("mtil", mtil_root, shots=0, datasets=["caltech101"])[0]
+    assert task.train.images == list(train) and task.test.images == list(test)
+    assert data.split_80_20(1000)[0][:5] == torch.randperm(1000, generator=torch.Generator().manual_seed(42))[:5].tolist()
+
+
+def test_sun397_split_does_not_depend_on_filesystem_order(mtil_root, monkeypatch):
+    """SUN397's file list is sorted before the split, so listing order cannot change it."""
+    first = data.load_tasks("mtil", mtil_root, shots=0, datasets=["sun397"])[0]
+    listdir = data.os.listdir
+    monkeypatch.setattr(data.os, "listdir", lambda p: list(reversed(listdir(p))))
+    second = data.load_tasks("mtil", mtil_root, shots=0, datasets=["sun397"])[0]
+    assert first.train.images == second.train.images and first.test.images == second.test.images
+
+
+def test_few_shot_same_seed_any_build_order(tmp_path):
+    """A dataset's few-shot subset is the same whatever was built (or drew random numbers) before it."""
+    root = write_fake_layout(tmp_path, "xtail", images_per_class=5)
+    names = list(data.SETTINGS["xtail"]["datasets"])
+    forward = {t.name: t.train.images for t in data.load_tasks("xtail", root, shots=2, seed=3)}
+    random.random(), np.random.rand(7), torch.rand(11)
+    backward = {t.name: t.train.images for t in data.load_tasks("xtail", root, shots=2, seed=3,
+                                                                   datasets=names[::-1])}
+    single = data.load_tasks("xtail", root, shots=2, seed=3, datasets=["sun397"])[0].train.images
+    assert all(forward[n] == backward[n] for n in names if n != "mnist") and forward["sun397"] == single
+    assert np.array_equal(forward["mnist"], backward["mnist"])
+    assert all(len(forward[n]) == 2 * 3 for n in names)
+
+
+def test_few_shot_seed_and_name_change_the_subset():
+    """A different seed or dataset name gives a different subset; the same ones give the same."""
+    labels = [c for c in range(4) for _ in range(50)]
+    a = data.few_shot(labels, 5, 0, "dtd")
+    assert a == data.few_shot(labels, 5, 0, "dtd")
+    assert a != data.few_shot(labels, 5, 1, "dtd") and a != data.few_shot(labels, 5, 0, "food")
+
+
+def test_few_shot_k_per_class_replacement_only_when_short():
+    """k indices per class, all distinct when the class has k, with repeats only when it has fewer."""
+    labels = [0] * 10 + [1] * 3 + [2] * 5
+    picked = data.few_shot(labels, 5, 0, "x")
+    by_class = {c: [i for i in picked if labels[i] == c] for c in range(3)}
+    assert all(len(v) == 5 for v in by_class.values())
+    assert len(set(by_class[0])) == 5 and sorted(set(by_class[2])) == [13, 14, 15, 16, 17]
+    assert len(set(by_class[1])) <= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Must show 3: the X-TAIL union label space
+
+def test_union_offsets_follow_task_order(xtail_root):
+    """Union offsets are the running class counts in task order; names concatenate in that order."""
+    tasks = data.load_tasks("xtail", xtail_root, shots=0)
+    assert data.union_offsets(tasks) == [0, 3, 6, 9, 12, 15, 18, 28, 31, 34]
+    union = [c for t in tasks for c in t.classnames]
+    for t, off in zip(tasks, data.union_offsets(tasks)):
+        assert union[off:off + len(t.classnames)] == t.classnames
+
+
+def test_union_of_real_class_counts_is_1100():
+    """With the real class counts, X-TAIL's union has 1,100 classes and sun397 starts at 703."""
+    counts = data.SETTINGS["xtail"]["classes"]
+    tasks = [data.Task(n, ["c"] * counts[n], [], None, None) for n in data.SETTINGS["xtail"]["datasets"]]
+    offsets = data.union_offsets(tasks)
+    assert offsets[-1] + counts["sun397"] == 1100 and offsets[-1] == 703
+    assert sum(data.SETTINGS["mtil"]["classes"].values()) == 1201
+
+
+# ----------------------------------------------------------------------------------------------
+# Must show 4: one-line errors, before anything is read or trained
+
+def test_missing_dataset_one_line_error_before_reading_any(tmp_path, monkeypatch):
+    """A missing dataset (the last of the run) is named in one line before any dataset is indexed."""
+    root = write_fake_layout(tmp_path, "mtil")
+    for folder in ("stanford_cars", "SUN397"):
+        for p in sorted((root / folder).rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        (root / folder).rmdir()
+    read = []
+    folders, needs, reader = data.LAYOUTS["torchvision"]["aircraft"]
+    monkeypatch.setitem(data.LAYOUTS["torchvision"], "aircraft",
+                        (folders, needs, lambda f: read.append(f) or reader(f)))
+    with pytest.raises(data.DataError) as e:
+        data.load_tasks("mtil", root)
+    msg = str(e.value)
+    assert "\n" not in msg and not read
+    assert msg.startswith("cars: ") and str(root / "stanford_cars") in msg and "devkit" in msg
+    assert "also missing: sun397" in msg
+
+
+def test_missing_caltech_says_where_to_put_it(tmp_path):
+    """A missing caltech101 names the folder, the download flag and the manual fallback."""
+    with pytest.raises(data.DataError) as e:
+        data.load_tasks("mtil", tmp_path, datasets=["caltech101"])
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "caltech101") in msg
+    assert "--download" in msg and "101_ObjectCategories.tar.gz" in msg
+
+
+@pytest.mark.parametrize("content", ['{"train": [["banded/a.jpg", "0"]], "test": []}', '{"train": [', "[]"])
+def test_malformed_split_file_one_line_error(tmp_path, content):
+    """A malformed CoOp split file gives one line naming the dataset and the file."""
+    root = write_fake_layout(tmp_path, "xtail")
+    (root / "dtd/split_zhou_DescribableTextures.json").write_text(content)
+    with pytest.raises(data.DataError) as e:
+        data.load_tasks("xtail", root)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("dtd: ") and "split_zhou_DescribableTextures.json" in msg
+
+
+def test_missing_image_is_reported(tmp_path):
+    """An index that lists an image that is not on disk is reported as an incomplete dataset."""
+    root = write_fake_layout(tmp_path, "xtail")
+    (root / "food-101/images/baklava/test_1.jpg").unlink()
+    with pytest.raises(data.DataError, match="food: .*baklava/test_1.jpg is listed but missing"):
+        data.load_tasks("xtail", root, datasets=["food"])
+
+
+def test_few_shot_is_the_same_in_another_process():
+    """The sampler does not depend on Python's per-process string hash salt."""
+    code = "import data; print(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7, 'sun397'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert out.strip() == str(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7, "sun397"))
