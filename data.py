@@ -396,12 +396,10 @@ def _missing(name, layout, data_dir, download_error=None):
         msg += (f"put CoOp's {needs[0]} (see github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) "
                 f"next to the images in {needs[1]}/ there")
     else:
-        msg += DOWNLOAD_HINT
+        msg += f"torchvision's download failed ({download_error})" if download_error else DOWNLOAD_HINT
         if name == "caltech101":
             msg += (f"; if its link is down, get caltech-101.zip from https://data.caltech.edu/records/"
                     f"mzrjq-6wc02 and extract its 101_ObjectCategories.tar.gz into {data_dir / 'caltech101'}/")
-    if download_error:
-        msg += f" (download failed: {download_error})"
     return msg
 
 
