@@ -185,7 +185,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     device = pick_device(args.device)
     try:
-        tasks = data.load_tasks(args.setting, args.data_dir, seed=args.seed,
+        tasks = data.load_tasks(args.setting, args.data_dir, shots=0, seed=args.seed,
                                 datasets=args.datasets, download=args.download)
         model = load_model(args.model, args.setting, args.seed).to(device)
     except (data.DataError, clip_model.CLIPLoadError) as e:
