@@ -1,0 +1,385 @@
+"""CLIP with a ViT image encoder, written from scratch so that every weight an adapter may wrap
+is a plain nn.Linear; it loads OpenAI's checkpoints, and its tokenizer gives OpenAI's ids.
+
+Reads bottom-up: tokenizer, preprocessing, leaf modules, CLIP, then building and loading.
+Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T tokens per sequence
+(G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size.
+"""
+import functools
+import gzip
+import hashlib
+import html
+import http.client
+import os
+import tempfile
+import urllib.request
+
+import ftfy
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BPE_PATH = os.path.join(HERE, "assets", "bpe_simple_vocab_16e6.txt.gz")
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level BPE, identical ids to OpenAI's (SPEC section 2)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable characters, so that the BPE
+    never sees whitespace or control characters. Its order (printable bytes first) fixes the ids
+    of the first 512 vocabulary entries."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(printable + others, [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]))
+
+
+class Tokenizer:
+    """Text -> BPE ids: clean, split into words, map bytes to characters, merge lowest-rank pairs first."""
+    SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+    def __init__(self, bpe_path=BPE_PATH):
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a header
+        chars = list(bytes_to_unicode().values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [self.SOT, self.EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.sot, self.eot = self.encoder[self.SOT], self.encoder[self.EOT]
+        self.cache = {self.SOT: [self.sot], self.EOT: [self.eot]}  # word -> ids; prompts repeat words a lot
+        self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+                                     regex.IGNORECASE)
+
+    @staticmethod
+    def clean(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))  # twice: some captions are escaped twice
+        return regex.sub(r"\s+", " ", text).strip().lower()
+
+    def bpe(self, word):
+        """ids of one pre-token (already byte-mapped); `</w>` marks the end of the word."""
+        if word not in self.cache:
+            parts = list(word[:-1]) + [word[-1] + "</w>"]
+            while len(parts) > 1:
+                best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+                if best not in self.ranks:
+                    break
+                merged, i = [], 0
+                while i < len(parts):  # merge every occurrence of `best`, left to right, never overlapping
+                    if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                        merged.append(parts[i] + parts[i + 1])
+                        i += 2
+                    else:
+                        merged.append(parts[i])
+                        i += 1
+                parts = merged
+            self.cache[word] = [self.encoder[p] for p in parts]
+        return self.cache[word]
+
+    def encode(self, text):
+        """ids of a text, without start and end tokens."""
+        return [i for word in self.pattern.findall(self.clean(text))
+                for i in self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer():
+    return Tokenizer()
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    """str or list of str -> (N, context_length) LongTensor: [sot] ids [eot], zero-padded."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tok = _tokenizer()
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for n, text in enumerate(texts):
+        ids = [tok.sot] + tok.encode(text) + [tok.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"{text[:40]!r}... is {len(ids)} tokens, more than the context length "
+                                 f"{context_length}; shorten it or pass truncate=True")
+            ids = ids[:context_length - 1] + [tok.eot]
+        out[n, :len(ids)] = torch.tensor(ids)
+    return out
+
+# -----------------------------------------------------------------------------
+# image preprocessing (SPEC section 2)
+
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_rgb(image):  # a module-level function, not a lambda, so DataLoader workers can pickle it
+    return image.convert("RGB")
+
+
+def transform(train, resolution=224):
+    """PIL image -> (3, R, R) tensor. Train: the released code's random crop of 90-100% of the area."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    crop = ([transforms.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)] if train else
+            [transforms.Resize(resolution, interpolation=bicubic), transforms.CenterCrop(resolution)])
+    return transforms.Compose(crop + [_to_rgb, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+# -----------------------------------------------------------------------------
+# model: leaf modules first
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (OpenAI's CLIP does the same)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written as four nn.Linear (q, k, v, out).
+    NOTE: not nn.MultiheadAttention: it reads its weights directly, so an adapter that replaces
+    out_proj (or the packed in_proj) would silently never run."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh), scale Dh^-0.5
+        return self.out_proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        return self.c_proj(x * torch.sigmoid(1.702 * x))  # QuickGELU: what OpenAI's weights were trained with
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.ln_1, self.attn = LayerNorm(width), Attention(width, heads, causal)
+        self.ln_2, self.mlp = LayerNorm(width), MLP(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False):
+        super().__init__()
+        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal) for _ in range(layers)))
+
+    def forward(self, x):  # (B, T, D)
+        return self.resblocks(x)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution = input_resolution
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):  # (B, 3, R, R)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, G*G, D)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
+        x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding  # (B, T, D)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+        super().__init__()
+        self.context_length = context_length
+        # OpenAI's convention is 64-wide heads; tiny test models narrower than that get one head
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                        max(1, vision_width // 64), embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation, used only when training from scratch (the tiny world)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.ln_final.weight.shape[0] ** -0.5)
+        for tower in (self.transformer, self.visual.transformer):
+            for block in tower.resblocks:
+                width = block.ln_1.weight.shape[0]
+                proj_std = width ** -0.5 * (2 * len(tower.resblocks)) ** -0.5
+                for linear, std in [(block.attn.q_proj, width ** -0.5), (block.attn.k_proj, width ** -0.5),
+                                    (block.attn.v_proj, width ** -0.5), (block.attn.out_proj, proj_std),
+                                    (block.mlp.c_fc, (2 * width) ** -0.5), (block.mlp.c_proj, proj_std)]:
+                    nn.init.normal_(linear.weight, std=std)
+                    nn.init.zeros_(linear.bias)
+
+    def encode_image(self, images):  # (B, 3, R, R) -> (B, E)
+        return self.visual(images)
+
+    def encode_text(self, tokens):  # (N, L) -> (N, E)
+        eot = tokens.argmax(dim=-1)  # (N,) the end token has the largest id
+        # the mask is causal, so nothing after the last end token can change a feature: drop it
+        tokens = tokens[:, :int(eot.max()) + 1]  # (N, L')
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (N, L', D)
+        x = self.ln_final(self.transformer(x))
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (N, E)
+
+    def forward(self, images, tokens):
+        """image-to-text logits (B, N): exp(logit_scale) * cosine similarity."""
+        image_features = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)  # (N, E)
+        return self.logit_scale.exp() * image_features @ text_features.T
+
+# -----------------------------------------------------------------------------
+# building from a state dict, and loading OpenAI's weights
+
+
+class CLIPLoadError(Exception):
+    """Weights could not be loaded; the message is one line that says what to do."""
+
+
+MODELS = {  # the URL's second-last segment is the file's sha256
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+SHAPE_KEYS = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+              "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+
+
+def _count_blocks(state_dict, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def build_model(state_dict):
+    """A CLIP whose sizes are read off the shapes of an OpenAI state dict (packed attention) or of
+    this project's own (q/k/v split), holding those weights. Heads are width / 64, as OpenAI's."""
+    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    if any(k.startswith("visual.layer1.") for k in sd):
+        raise CLIPLoadError("this is a ResNet CLIP checkpoint; only ViT models are supported "
+                            f"({', '.join(MODELS)}): pass one of those")
+    missing = [k for k in SHAPE_KEYS if k not in sd]
+    if missing:
+        raise CLIPLoadError(f"not a CLIP ViT state dict: missing {', '.join(missing[:3])}"
+                            f"{' and more' if len(missing) > 3 else ''}; pass an OpenAI CLIP ViT checkpoint "
+                            "or one saved by this project")
+    for key in [k for k in sd if ".attn.in_proj_" in k]:  # OpenAI packs rows [q; k; v]
+        prefix, kind = key.split(".in_proj_")
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd.pop(key).chunk(3)):
+            sd[f"{prefix}.{name}.{kind}"] = part
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
+                 vision_layers=_count_blocks(sd, "visual.transformer.resblocks."), vision_width=vision_width,
+                 vision_patch_size=patch, context_length=sd["positional_embedding"].shape[0],
+                 vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
+                 transformer_heads=max(1, text_width // 64),
+                 transformer_layers=_count_blocks(sd, "transformer.resblocks."))
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a size mismatch
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CLIPLoadError(f"the checkpoint's shapes do not fit a CLIP ViT ({detail}); pass an unmodified checkpoint")
+    if missing or unexpected:
+        names = ", ".join((missing or unexpected)[:3])
+        raise CLIPLoadError(f"the checkpoint has {len(missing)} missing and {len(unexpected)} unexpected keys "
+                            f"({'missing' if missing else 'unexpected'}: {names}, ...); "
+                            "pass an unmodified OpenAI CLIP ViT checkpoint or one saved by this project")
+    return model
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url, root):
+    """The verified file in `root`, downloaded first if absent or corrupt. The download goes to a
+    temporary file in the same folder, renamed only once its sha256 is right."""
+    expected, path = url.split("/")[-2], os.path.join(root, os.path.basename(url))
+    if os.path.isfile(path) and _sha256(path) == expected:
+        return path
+    os.makedirs(root, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=os.path.basename(url) + ".", suffix=".part")
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+                h.update(chunk)
+        if h.hexdigest() != expected:
+            raise CLIPLoadError(f"{url} downloaded with sha256 {h.hexdigest()[:12]}..., expected {expected[:12]}...; "
+                                f"try again, or download it by hand to {path}")
+        os.replace(tmp, path)
+        return path
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a cut connection, a full disk
+        reason = str(getattr(e, "reason", e)).replace("\n", " ")
+        raise CLIPLoadError(f"could not download {url} ({reason}); connect to the internet and retry, "
+                            f"or download it by hand to {path}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_state_dict(path):
+    """The state dict in a TorchScript archive (OpenAI's format), a state-dict file, or a checkpoint
+    of this project ({"model": state_dict, ...})."""
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not a TorchScript archive: try a plain file below
+        pass
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or it is truncated "
+                            f"({reason[:100]}); pass a CLIP checkpoint, or delete it and download it again") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CLIPLoadError(f"{path} holds no state dict (a dict of tensors); pass a CLIP checkpoint")
+    return obj
+
+
+def load(name_or_path, device="cpu", download_root=None):
+    """An fp32 CLIP in eval mode from an OpenAI model name (downloaded once into download_root,
+    $CLIP_CACHE or ~/.cache/clip, where openai/CLIP keeps them too) or from a weight file."""
+    if name_or_path in MODELS:
+        root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
+        path = _download(MODELS[name_or_path], root)
+    elif os.path.isfile(name_or_path):
+        path = name_or_path
+    else:
+        raise CLIPLoadError(f"{name_or_path!r} is neither a model name ({', '.join(MODELS)}) nor a file; "
+                            "pass one of those names or the path of a CLIP weight file")
+    # NOTE: OpenAI's files hold fp16 weights; Adam on fp16 weights gives NaN, hence fp32
+    return build_model(_read_state_dict(path)).float().to(device).eval()
