@@ -1,0 +1,363 @@
+"""What CoDyRA did to the model, per task: the paper's analyses (Fig. 6, App. B.2, B.3).
+
+For every adapted matrix W0 (d_out, d_in) and its update dW = B diag(g) A of one task:
+
+    active ranks       k = #{i : g_i != 0}, per module type (q, k, v, out, c_fc, c_proj),
+                       per layer, per encoder                                   [Fig. 6, App. B.3]
+    update size        ||dW||_F
+    amplification      ||dW||_F / ||U^T W0 V||_F, U (d_out, r), V (d_in, r) the top-r left/right
+                       singular vectors of dW                       [App. B.2 Eq. 8; LoRA paper 7.3]
+    drift              ||W_t - W_pre||_F and ||W_t - W_pre||_F / ||W_pre||_F, W_pre the pretrained weight
+    gate survival      |g| at injection against whether the rank survived the task   [SPEC section 1]
+
+Amplification, the details (the paper's Eq. 8 was lost in extraction; this follows Hu et al.,
+LoRA, section 7.3, which the appendix cites as [20]):
+- r is the rank of dW (numerical rank, torch.linalg.matrix_rank's tolerance). For an adapter this
+  is its number of active ranks unless B or A lost rank. In the LoRA paper r is the LoRA rank,
+  which is the rank of its dW; for CoDyRA a nominal r = 16 on a rank-8 dW would take 8 singular
+  vectors of the null space, which are arbitrary. With r = rank(dW) the value does not depend on
+  how a basis of the subspace is chosen. An explicit r (top-r) is accepted too.
+- the numerator is the whole ||dW||_F, as in the LoRA paper (equal to its top-r part when r = rank).
+- W0 is the weight the update is added to: the pretrained weight for the first task, W_{t-1} after.
+- "pooled" over all modules is the amplification of the block-diagonal matrix of every dW against
+  the block-diagonal W0: sqrt(sum ||dW_m||^2) / sqrt(sum ||U_m^T W0_m V_m||^2) (singular vectors of
+  a block-diagonal matrix lie in single blocks, so the cross terms vanish).
+- a module with dW = 0 has no amplification (None).
+"""
+import re
+
+import torch
+
+import codyra
+
+TYPES = tuple(codyra.CLIP_LAYERS)        # q, k, v, out, c_fc, c_proj: the columns of every grid
+ENCODERS = tuple(codyra.CLIP_ENCODERS)   # vision, text
+_NAME = re.compile(rf"({'|'.join(re.escape(p) for p in codyra.CLIP_ENCODERS.values())})\.(\d+)\."
+                   rf"({'|'.join(re.escape(p) for p in codyra.CLIP_LAYERS.values())})")
+_ENCODER_OF = {p: e for e, p in codyra.CLIP_ENCODERS.items()}
+_TYPE_OF = {p: t for t, p in codyra.CLIP_LAYERS.items()}
+GATE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # bins of |g_init|; the last one is [2, inf)
+
+# -----------------------------------------------------------------------------
+# where a module sits, and grids of layer x module type
+
+
+def locate(name):
+    """(encoder, layer, type) of a CLIP linear's qualified name, e.g. ("vision", 3, "c_fc"); else None."""
+    m = _NAME.fullmatch(name)
+    return (_ENCODER_OF[m[1]], int(m[2]), _TYPE_OF[m[3]]) if m else None
+
+
+def grid(values):
+    """{module name: value} -> {encoder: [[value per type in TYPES] per layer]}; None where a module is
+    absent. Names outside CLIP's blocks are ignored; an encoder with no module is left out."""
+    where = {n: locate(n) for n in values}
+    depth = {}
+    for loc in filter(None, where.values()):
+        depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
+    out = {e: [[None] * len(TYPES) for _ in range(depth[e])] for e in ENCODERS if e in depth}
+    for n, loc in where.items():
+        if loc:
+            out[loc[0]][loc[1]][TYPES.index(loc[2])] = values[n]
+    return out
+
+
+def _frob(norms):
+    """Frobenius norm of the stack of matrices whose norms are given."""
+    return sum(x * x for x in norms) ** 0.5
+
+
+def _num(x, digits=5):
+    """A float for results.json: `digits` significant digits; None stays None."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+# -----------------------------------------------------------------------------
+# snapshots: gates right after inject, adapted weights before training
+
+
+def _weight(m):
+    """The weight a linear computes with: W0 + B diag(g) A for an adapter, else its own weight."""
+    if isinstance(m, codyra.CoDyRALinear):
+        return m.base.weight + (m.lora_B * m.lora_g) @ m.lora_A  # (d_out, d_in)
+    return m.weight
+
+
+def gates(model):
+    """{adapter name: copy of g}; take it right after codyra.inject to log |g_init| against survival."""
+    return {n: m.lora_g.detach().clone() for n, m in codyra._adapters(model)}
+
+
+@torch.no_grad()
+def weights(model, where=None):
+    """{name: copy of the weight it computes with} of every nn.Linear or adapter whose name satisfies
+    where(name) (None: all). NOTE: a copy of the 144 adapted matrices of ViT-B/16 is about 0.5 GB."""
+    adapters = {n + ".base" for n, _ in codyra._adapters(model)}  # the frozen W0 inside an adapter
+    return {n: _weight(m).detach().clone() for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, codyra.CoDyRALinear)) and n not in adapters
+            and (where is None or where(n))}
+
+# -----------------------------------------------------------------------------
+# the measures, one matrix at a time
+
+
+def low_rank_svd(B, A):
+    """Thin SVD (U, S, Vh) of dW = B @ A, B (d_out, k), A (k, d_in), without forming dW.
+
+    dW has rank <= k, so with B = Q_B R_B and A^T = Q_A R_A (reduced QR, Q with orthonormal
+    columns), dW = Q_B (R_B R_A^T) Q_A^T and the SVD of the small (k, k) core M = Us S Vs^T gives
+    dW = (Q_B Us) S (Vs^T Q_A^T). Cost O((d_out + d_in) k^2) instead of an SVD of a 3072 x 768 matrix.
+    """
+    QB, RB = torch.linalg.qr(B)                      # (d_out, k), (k, k)
+    QA, RA = torch.linalg.qr(A.T)                    # (d_in, k), (k, k)
+    Us, S, Vsh = torch.linalg.svd(RB @ RA.T)         # (k, k), (k,), (k, k)
+    return QB @ Us, S, Vsh @ QA.T                    # (d_out, k), (k,), (k, d_in)
+
+
+def numerical_rank(S, shape, dtype):
+    """Rank from singular values with torch.linalg.matrix_rank's default tolerance:
+    S > max(S) * max(shape) * eps(dtype), dtype that of the data dW came from."""
+    if len(S) == 0 or S.max() == 0:
+        return 0
+    return int((S > S.max() * max(shape) * torch.finfo(dtype).eps).sum())
+
+
+def amplification(W0, U, S, Vh, r=None):
+    """(||dW||_F / ||U_r^T W0 V_r||_F, r) for dW = U diag(S) Vh (S descending), r = rank(dW) unless
+    given; (None, 0) when dW = 0."""
+    r = numerical_rank(S, W0.shape, W0.dtype) if r is None else min(r, len(S))
+    if r == 0:
+        return None, 0
+    proj = U[:, :r].T @ (W0.to(U.dtype) @ Vh[:r].T)  # (r, r): W0 seen in dW's own subspaces
+    return float(S.norm() / proj.norm()), r
+
+
+@torch.no_grad()
+def adapter_update(m, r=None):
+    """||dW||_F, amplification and its r for one CoDyRALinear, from its active ranks (float64)."""
+    keep = m.lora_g != 0
+    if not keep.any():
+        return {"norm": 0.0, "amp": None, "r": 0}
+    B = (m.lora_B[:, keep] * m.lora_g[keep]).double()  # (d_out, k)
+    U, S, Vh = low_rank_svd(B, m.lora_A[keep].double())
+    r0 = numerical_rank(S, m.base.weight.shape, m.lora_A.dtype) if r is None else r
+    amp, r0 = amplification(m.base.weight.double(), U, S, Vh, r0)
+    return {"norm": float(S.norm()), "amp": amp, "r": r0}
+
+
+@torch.no_grad()
+def weight_update(W0, W1, r=None):
+    """||W1 - W0||_F, amplification of W1 - W0 against W0 and its r, for two full matrices.
+    NOTE: a full SVD (about 0.4 s for 3072 x 768 on one CPU core, fp32); use adapter_update when
+    the factors are at hand."""
+    D = W1 - W0                                      # (d_out, d_in)
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    amp, r = amplification(W0, U, S, Vh, r)
+    return {"norm": float(S.norm()), "amp": amp, "r": r}
+
+# -----------------------------------------------------------------------------
+# a whole model: one task's report (what train.py stores in results.json)
+
+
+def updates(model, before=None, r=None):
+    """{name: {"norm", "amp", "r"}} of this task's update: from the model's adapters, or, for a model
+    without adapters (full fine-tuning), from its weights against `before` (weights() at the start)."""
+    if codyra._adapters(model):
+        return {n: adapter_update(m, r) for n, m in codyra._adapters(model)}
+    after = weights(model, lambda n: n in before)
+    return {n: weight_update(before[n], after[n], r) for n in before}
+
+
+@torch.no_grad()
+def drift(pretrained, model):
+    """{name: (||W - W_pre||_F, ||W_pre||_F)} for every name of `pretrained`; W is what the model
+    computes with (adapters included)."""
+    out = {}
+    for n, W0 in pretrained.items():
+        W = _weight(model.get_submodule(n))
+        out[n] = (float((W - W0).norm()), float(W0.norm()))
+    return out
+
+
+def summarize_drift(d):
+    """{"norm": {...}, "relative": {...}}, each {encoder: {type: x, "all": x}, "total": x}: Frobenius
+    norms of the drift of the matrices of each group, relative = divided by the group's ||W_pre||_F."""
+    groups = {"total": list(d)}
+    for n in d:
+        loc = locate(n)
+        if loc:
+            groups.setdefault((loc[0], "all"), []).append(n)
+            groups.setdefault((loc[0], loc[2]), []).append(n)
+    norm, relative = {}, {}
+    for key, names in groups.items():
+        a, b = _frob(d[n][0] for n in names), _frob(d[n][1] for n in names)
+        enc, typ = key if key != "total" else (None, "total")
+        (norm.setdefault(enc, {}) if enc else norm)[typ] = _num(a)
+        (relative.setdefault(enc, {}) if enc else relative)[typ] = _num(a / b if b else None)
+    return {"norm": norm, "relative": relative}
+
+
+def gate_survival(g_init, g_final, edges=GATE_EDGES):
+    """|g_init| of every rank against survival (g_final != 0): counts per bin of |g_init| (bins
+    [edges[i], edges[i+1]), the last one open) and mean |g_init| of survivors and of pruned ranks."""
+    if not g_init:
+        return None
+    init = torch.cat([g_init[n].abs().float().cpu() for n in g_init])
+    kept = torch.cat([g_final[n].cpu() != 0 for n in g_init])
+    which = torch.bucketize(init, torch.tensor(edges[1:]), right=True)  # bin index of each rank
+    mean = lambda x: _num(float(x.mean())) if len(x) else None  # noqa: E731
+    return {"edges": list(edges),
+            "kept": torch.bincount(which[kept], minlength=len(edges)).tolist(),
+            "total": torch.bincount(which, minlength=len(edges)).tolist(),
+            "mean_init_kept": mean(init[kept]), "mean_init_pruned": mean(init[~kept])}
+
+
+def task_report(model, g_init, pretrained, before=None):
+    """Everything of one task, JSON-ready; call it before codyra.merge. g_init: gates() right after
+    inject; pretrained: weights() of the pretrained model; before: weights() at the task's start,
+    only needed without adapters (full fine-tuning)."""
+    ranks = codyra.rank_stats(model)
+    g_final = gates(model)
+    upd = updates(model, before)
+    norms = {n: u["norm"] for n, u in upd.items()}
+    proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
+    by_type = {e: {t: sum(x[i] for x in rows if x[i] is not None) for i, t in enumerate(TYPES)}
+               for e, rows in grid(ranks).items()}
+    return {
+        "ranks": ranks and {"grid": grid(ranks), "by_type": by_type,
+                            "mean": _num(sum(ranks.values()) / len(ranks)),
+                            "of": max(len(m.lora_g) for _, m in codyra._adapters(model))},
+        "gates": gate_survival(g_init, g_final),
+        "update": {"grid": grid({n: _num(x) for n, x in norms.items()}), "total": _num(_frob(norms.values())),
+                   "mean": _num(sum(norms.values()) / max(len(norms), 1))},
+        "amplification": {"grid": grid({n: _num(u["amp"]) for n, u in upd.items()}),
+                          "pooled": _num(_frob(norms.values()) / _frob(proj) if proj else None)},
+        "drift": summarize_drift(drift(pretrained, model)),
+    }
+
+# -----------------------------------------------------------------------------
+# terminal print
+
+
+def format_grid(rows, title, cell=str):
+    """Lines of a text heat map: one row per module type, one column per layer."""
+    cells = [[("-" if v is None else cell(v)) for v in layer] for layer in rows]
+    w = max([len(c) for layer in cells for c in layer] + [len(str(len(rows) - 1))]) + 1
+    lines = [f"{title:<7}" + "".join(f"{i:>{w}}" for i in range(len(rows)))]
+    for i, t in enumerate(TYPES):
+        lines.append(f"{t:<7}" + "".join(f"{layer[i]:>{w}}" for layer in cells))
+    return lines
+
+
+def side_by_side(blocks, gap="   "):
+    """Join blocks of lines left to right."""
+    widths = [max(map(len, b)) for b in blocks]
+    return [gap.join(line.ljust(w) for line, w in zip(row, widths)).rstrip() for row in zip(*blocks)]
+
+
+def format_report(report):
+    """The compact print after a task: active ranks by layer and module type per encoder, one line of sizes."""
+    lines = []
+    ranks = report["ranks"]
+    if ranks:
+        lines.append(f"active ranks of {ranks['of']}, layer by module type ('-': not adapted)")
+        lines += side_by_side([format_grid(rows, e) for e, rows in ranks["grid"].items()])
+    d, g, a = report["drift"], report["gates"], report["amplification"]["pooled"]
+    parts = [f"mean rank {ranks['mean']:.1f}/{ranks['of']}"] if ranks else []
+    parts += [f"||dW||_F {report['update']['total']:.3g}",
+              f"amplification {'-' if a is None else f'{a:.3g}'}",
+              f"drift {d['norm']['total']:.3g} ({100 * d['relative']['total']:.2g}% of ||W_pre||_F)"]
+    if g and g["mean_init_kept"] is not None and g["mean_init_pruned"] is not None:
+        parts.append(f"|g_init| kept {g['mean_init_kept']:.2f} vs pruned {g['mean_init_pruned']:.2f}")
+    lines.append(" | ".join(parts))
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# figures (matplotlib is optional)
+
+
+def can_plot():
+    """True when matplotlib is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot(results, out):
+    """Write accuracy.png, ranks.png and drift.png from a results.json dict into `out`; returns the
+    paths written (ranks.png only when the run had adapters)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names, acc, reports = results["datasets"], results["acc"], results["analysis"]
+    done = [f"{t + 1} {names[t]}" for t in range(len(acc))]
+    paths = []
+
+    def save(fig, name):
+        fig.savefig(f"{out}/{name}", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(f"{out}/{name}")
+
+    # accuracy matrix: row t = evaluation after task t, column j = dataset j
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
+    im = ax.imshow(np.array(acc), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for (t, j), a in np.ndenumerate(np.array(acc)):
+        ax.text(j, t, f"{a:.0f}", ha="center", va="center", fontsize=8, color="w" if a < 60 else "k")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(acc)), done)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after task")
+    ax.set_title("top-1 accuracy (%)")
+    fig.colorbar(im, ax=ax)
+    save(fig, "accuracy.png")
+
+    # rank allocation: one panel per encoder (rows) and task (columns), module type x layer
+    if reports and reports[0]["ranks"]:
+        encoders = list(reports[0]["ranks"]["grid"])
+        top = reports[0]["ranks"]["of"]
+        fig, axes = plt.subplots(len(encoders), len(reports), squeeze=False,
+                                 figsize=(1.0 + 1.9 * len(reports), 0.6 + 1.9 * len(encoders)))
+        for t, rep in enumerate(reports):
+            for i, e in enumerate(encoders):
+                cells = np.array([[np.nan if v is None else v for v in layer]
+                                  for layer in rep["ranks"]["grid"][e]], dtype=float).T  # (types, layers)
+                ax = axes[i, t]
+                im = ax.imshow(cells, vmin=0, vmax=top, cmap="magma", aspect="auto")
+                ax.set_yticks(range(len(TYPES)), TYPES if t == 0 else [""] * len(TYPES), fontsize=7)
+                ax.set_xticks(range(cells.shape[1]), [str(x) if x % 2 == 0 else "" for x in range(cells.shape[1])],
+                              fontsize=7)
+                if i == 0:
+                    ax.set_title(done[t], fontsize=9)
+                if t == 0:
+                    ax.set_ylabel(e)
+                if i == len(encoders) - 1:
+                    ax.set_xlabel("layer", fontsize=8)
+        fig.colorbar(im, ax=axes, label=f"active ranks (of {top})")
+        save(fig, "ranks.png")
+
+    # drift from the pretrained weights after each task, and each task's own update
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = range(1, len(reports) + 1)
+    rel = [rep["drift"]["relative"] for rep in reports]
+    for e, style in (("vision", "-"), ("text", "--")):
+        for k, t in enumerate(TYPES):
+            if e in rel[0] and t in rel[0][e]:
+                left.plot(x, [100 * r[e][t] for r in rel], style, color=f"C{k}", label=f"{e} {t}")
+    left.plot(x, [100 * r["total"] for r in rel], "k-", lw=2.5, label="all")
+    left.set_ylabel("||W_t - W_pre||_F / ||W_pre||_F (%)")
+    left.set_title("drift from the pretrained weights")
+    left.legend(fontsize=7, ncol=2)
+    right.bar(x, [rep["update"]["total"] for rep in reports], color="C0")
+    right.set_ylabel("||dW||_F of the task (all matrices)", color="C0")
+    amp = right.twinx()
+    amp.plot(x, [rep["amplification"]["pooled"] or np.nan for rep in reports], "o-", color="C3")
+    amp.set_ylabel("amplification (pooled)", color="C3")
+    right.set_title("each task's update")
+    for ax in (left, right):
+        ax.set_xticks(list(x), done, rotation=45, ha="right")
+        ax.set_xlabel("after task")
+    save(fig, "drift.png")
+    return paths
