@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import analysis
 import clip_model
 import codyra
 import data
@@ -45,6 +46,7 @@ g.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 per tas
 g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 g = p.add_argument_group("system")
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished task")
+g.add_argument("--plot", action="store_true", help="write PNG figures into --out after each task (needs matplotlib)")
 args = p.parse_args()
 check_common_args(p, args)
 setting = data.SETTINGS[args.setting]
@@ -70,6 +72,9 @@ if os.path.exists(results_path) and not (args.resume or args.overwrite):
             "or choose another --out")
 if args.resume and not os.path.exists(ckpt_path):
     p.error(f"--resume: no checkpoint at {ckpt_path}")
+if args.plot and not analysis.can_plot():
+    print("--plot: matplotlib is not installed (pip install matplotlib), so no figures will be written")
+    args.plot = False
 os.makedirs(args.out, exist_ok=True)
 device = pick_device(args.device)
 autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
@@ -82,9 +87,12 @@ try:
     tasks = data.load_tasks(args.setting, args.data_dir, shots=args.shots, seed=args.seed,
                             datasets=args.datasets, download=args.download)
     model = load_model(ckpt_path if args.resume else args.model, args.setting, args.seed)
+    original = load_model(args.model, args.setting, args.seed) if args.resume else model
 except (data.DataError, clip_model.CLIPLoadError) as e:
     sys.exit(f"error: {e}")
 model = model.to(device)
+pretrained = analysis.weights(original.to(device), placement)  # W_pre, for the drift of every task
+del original
 names = [t.name for t in tasks]
 resolution = model.visual.input_resolution
 for task in tasks:
@@ -108,11 +116,13 @@ def batches(dataset, seed):
 def train_task(t, task, seen_text):
     """Learn one task (SPEC section 1). seen_text: (P, E) features of earlier tasks' classes."""
     torch.manual_seed(args.seed + 1000 * t)
+    before = analysis.weights(model, placement) if args.method == "full" else None
     if args.method == "full":
         for name, param in model.named_parameters():
             param.requires_grad = name != "logit_scale"
     else:
         codyra.inject(model, args.rank, where=placement)
+    g_init = analysis.gates(model)  # which ranks survive is largely decided by |g| at init (SPEC section 1)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.9999), eps=1e-8,
                                   weight_decay=args.weight_decay)
@@ -154,17 +164,17 @@ def train_task(t, task, seen_text):
                   f"{speed:.0f} img/s | {left:.0f}s left ", end="" if sys.stdout.isatty() else "\n", flush=True)
     if sys.stdout.isatty():
         print()
-    ranks = codyra.rank_stats(model)
+    report = analysis.task_report(model, g_init, pretrained, before)  # needs the adapters: before merge
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
-    return ranks
+    return report
 
 # -----------------------------------------------------------------------------
 # the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
 
-results = {"setting": args.setting, "datasets": names, "acc": [], "ranks": [], "seconds": [], "args": vars(args)}
+results = {"setting": args.setting, "datasets": names, "acc": [], "analysis": [], "seconds": [], "args": vars(args)}
 if args.resume:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    results.update(acc=ckpt["results"]["acc"], ranks=ckpt["results"]["ranks"],
+    results.update(acc=ckpt["results"]["acc"], analysis=ckpt["results"]["analysis"],
                    seconds=ckpt["results"]["seconds"])
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
 for t in range(len(results["acc"]), len(tasks)):
@@ -173,18 +183,21 @@ for t in range(len(results["acc"]), len(tasks)):
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
         seen_text = torch.cat([class_features(model, s.classnames, s.templates[:1], device) for s in tasks[:t]]
                               or [torch.zeros(0, model.text_projection.shape[1], device=device)])
-    ranks = train_task(t, task, seen_text)
+    report = train_task(t, task, seen_text)
     trained = time.time()
     with autocast:
         row = evaluate(model, tasks, union, device, args.eval_batch_size, args.workers)
     results["acc"].append(row)
-    results["ranks"].append(ranks)
+    results["analysis"].append(report)
     results["seconds"].append({"train": trained - start, "eval": time.time() - trained})
     # checkpoint first (it holds the results too), then the readable copy; both atomic
     torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, ckpt_path + ".tmp")
     os.replace(ckpt_path + ".tmp", ckpt_path)
     write_json(results_path, results)
     print(format_matrix(results["acc"], names))
+    print(analysis.format_report(report))
+    if args.plot:
+        analysis.plot(results, args.out)
 
 # -----------------------------------------------------------------------------
 # report
@@ -194,6 +207,6 @@ write_json(results_path, results)
 print(f"\n{args.method} on {args.setting}: accuracy (%) after the whole sequence")
 print(format_table(results["metrics"], names))
 if args.method != "full":
-    kept = [sum(r.values()) / len(r) for r in results["ranks"]]
+    kept = [r["ranks"]["mean"] for r in results["analysis"]]
     print("mean active rank per task: " + " ".join(f"{k:.1f}" for k in kept) + f"  (of {args.rank})")
 print(f"wrote {results_path}")
