@@ -13,6 +13,7 @@ import http.client
 import os
 import tempfile
 import urllib.request
+import warnings
 
 import ftfy
 import regex
@@ -354,13 +355,15 @@ def _read_state_dict(path):
     """The state dict in a TorchScript archive (OpenAI's format), a state-dict file, or a checkpoint
     of this project ({"model": state_dict, ...})."""
     try:
-        return torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript, but OpenAI's files are TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive: try a plain file below
         pass
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or it is truncated "
                             f"({reason[:100]}); pass a CLIP checkpoint, or delete it and download it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
