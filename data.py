@@ -58,6 +58,12 @@ SETTINGS = {
     },
 }
 
+SETTINGS["tiny"] = {  # the offline tiny world (tiny_world.py): generated images, a tiny pretrained CLIP
+    "datasets": ("shapes", "digits", "colours", "patterns", "counts"),
+    "shots": 16, "dense_ratio": 0.5, "eval": "task-aware", "layout": "generated",
+    "iterations": 60, "batch_size": 32,
+}
+
 ASSETS = json.loads((Path(__file__).parent / "assets" / "classnames_templates.json").read_text())
 MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate(
     "zero one two three four five six seven eight nine".split())]  # torchvision MNIST.classes
@@ -425,6 +431,9 @@ def load_tasks(setting, data_dir, shots=None, seed=0, datasets=None, download=Fa
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose from {sorted(SETTINGS)}")
     cfg = SETTINGS[setting]
+    if setting == "tiny":  # generated in memory: nothing to find on disk
+        import tiny_world
+        return tiny_world.tiny_tasks(cfg["shots"] if shots is None else shots, seed, domains=datasets)
     layout = cfg["layout"]
     names = list(cfg["datasets"] if datasets is None else datasets)
     unknown = [n for n in names if n not in LAYOUTS[layout]]
