@@ -33,7 +33,8 @@ def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable characters, so that the BPE
     never sees whitespace or control characters. Its order (printable bytes first) fixes the ids
     of the first 512 vocabulary entries."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return dict(zip(printable + others, [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]))
 
@@ -53,8 +54,9 @@ class Tokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.sot, self.eot = self.encoder[self.SOT], self.encoder[self.EOT]
         self.cache = {self.SOT: [self.sot], self.EOT: [self.eot]}  # word -> ids; prompts repeat words a lot
-        self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-                                     regex.IGNORECASE)
+        # words, each digit alone, runs of punctuation; the special tokens stay whole
+        self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
+                                     r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
     @staticmethod
     def clean(text):
@@ -193,7 +195,8 @@ class VisionTransformer(nn.Module):
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        grid = input_resolution // patch_size
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
@@ -306,11 +309,13 @@ def build_model(state_dict):
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # a size mismatch
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise CLIPLoadError(f"the checkpoint's shapes do not fit a CLIP ViT ({detail}); pass an unmodified checkpoint")
+        raise CLIPLoadError(f"the checkpoint's shapes do not fit a CLIP ViT ({detail}); "
+                            "pass an unmodified checkpoint")
     if missing or unexpected:
-        names = ", ".join((missing or unexpected)[:3])
+        keys = missing or unexpected
+        names = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
         raise CLIPLoadError(f"the checkpoint has {len(missing)} missing and {len(unexpected)} unexpected keys "
-                            f"({'missing' if missing else 'unexpected'}: {names}, ...); "
+                            f"({'missing' if missing else 'unexpected'}: {names}); "
                             "pass an unmodified OpenAI CLIP ViT checkpoint or one saved by this project")
     return model
 
@@ -338,8 +343,8 @@ def _download(url, root):
                 f.write(chunk)
                 h.update(chunk)
         if h.hexdigest() != expected:
-            raise CLIPLoadError(f"{url} downloaded with sha256 {h.hexdigest()[:12]}..., expected {expected[:12]}...; "
-                                f"try again, or download it by hand to {path}")
+            raise CLIPLoadError(f"{url} downloaded with sha256 {h.hexdigest()[:12]}..., expected "
+                                f"{expected[:12]}...; try again, or download it by hand to {path}")
         os.replace(tmp, path)
         return path
     except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a cut connection, a full disk
@@ -364,8 +369,9 @@ def _read_state_dict(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or it is truncated "
-                            f"({reason[:100]}); pass a CLIP checkpoint, or delete it and download it again") from None
+        raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or it is "
+                            f"truncated ({reason[:100]}); pass a CLIP checkpoint, or delete it and download "
+                            "it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

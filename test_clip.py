@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import clip_model
+import open_clip  # test-only: the independent reference (requirements-test.txt)
+from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
 
-open_clip = pytest.importorskip("open_clip")
-from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+import clip_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
@@ -28,7 +28,8 @@ def reference_pair(cfg, seed=0):
     torch.manual_seed(seed)
     ref = OpenCLIP(cfg["embed_dim"], quick_gelu=True,  # OpenAI's weights use QuickGELU
                    vision_cfg=CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
-                                            patch_size=cfg["vision_patch_size"], image_size=cfg["image_resolution"]),
+                                            patch_size=cfg["vision_patch_size"],
+                                            image_size=cfg["image_resolution"]),
                    text_cfg=CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
                                         width=cfg["transformer_width"], heads=cfg["transformer_heads"],
                                         layers=cfg["transformer_layers"])).eval()
@@ -137,10 +138,11 @@ def assert_same_state(a, b):
 
 
 def test_openai_archive_loads_like_the_state_dict(tiny, tmp_path):
-    """An OpenAI-format TorchScript archive (fp16, extra integer entries) loads to the model its state dict gives."""
+    """OpenAI's format (TorchScript, fp16, extra integer entries) loads to the model its state dict gives."""
     sd16 = write_openai_archive(tiny[1], tmp_path / "ViT-tiny.pt")
     torch.save(sd16, tmp_path / "plain.pt")
-    from_archive, from_plain = clip_model.load(str(tmp_path / "ViT-tiny.pt")), clip_model.load(str(tmp_path / "plain.pt"))
+    from_archive = clip_model.load(str(tmp_path / "ViT-tiny.pt"))
+    from_plain = clip_model.load(str(tmp_path / "plain.pt"))
     assert_same_state(from_archive, from_plain)
     assert_same_state(from_archive, clip_model.build_model(sd16))
     assert not from_archive.training and all(p.dtype == torch.float32 for p in from_archive.parameters())
