@@ -113,53 +113,57 @@ def low_rank_svd(B, A):
     return QB @ Us, S, Vsh @ QA.T                    # (d_out, k), (k,), (k, d_in)
 
 
-def numerical_rank(S, shape, dtype):
-    """Rank from singular values with torch.linalg.matrix_rank's default tolerance:
-    S > max(S) * max(shape) * eps(dtype), dtype that of the data dW came from."""
+def numerical_rank(S, shape, dtype, floor=0.0):
+    """Rank from singular values: S > max(max(S) * max(shape) * eps(dtype), floor), the first term
+    torch.linalg.matrix_rank's default tolerance, dtype that of the data dW came from."""
     if len(S) == 0 or S.max() == 0:
         return 0
-    return int((S > S.max() * max(shape) * torch.finfo(dtype).eps).sum())
+    return int((S > max(float(S.max()) * max(shape) * torch.finfo(dtype).eps, floor)).sum())
 
 
-def amplification(W0, U, S, Vh, r=None):
-    """(||dW||_F / ||U_r^T W0 V_r||_F, r) for dW = U diag(S) Vh (S descending), r = rank(dW) unless
-    given; (None, 0) when dW = 0."""
-    r = numerical_rank(S, W0.shape, W0.dtype) if r is None else min(r, len(S))
-    if r == 0:
-        return None, 0
+def amplification(W0, U, S, Vh, r):
+    """||dW||_F / ||U_r^T W0 V_r||_F for dW = U diag(S) Vh (S descending), U_r, V_r its top-r
+    singular vectors (App. B.2 Eq. 8); None when dW = 0 or r = 0."""
+    if r == 0 or len(S) == 0 or S.max() == 0:
+        return None
     proj = U[:, :r].T @ (W0.to(U.dtype) @ Vh[:r].T)  # (r, r): W0 seen in dW's own subspaces
-    return float(S.norm() / proj.norm()), r
+    return float(S.norm() / proj.norm())
+
+
+def _measures(W0, U, S, Vh, dtype, r, floor=0.0):
+    """{"norm", "rank", "r", "amp"} of dW = U diag(S) Vh; dtype, floor: see numerical_rank."""
+    rank = numerical_rank(S, W0.shape, dtype, floor)
+    r = rank if r is None else min(r, len(S))
+    return {"norm": float(S.norm()), "rank": rank, "r": r, "amp": amplification(W0, U, S, Vh, r)}
 
 
 @torch.no_grad()
 def adapter_update(m, r=None):
-    """||dW||_F, amplification and its r for one CoDyRALinear, from its active ranks (float64)."""
+    """||dW||_F, rank(dW), r and amplification of one CoDyRALinear, from its active ranks (float64)."""
     keep = m.lora_g != 0
     if not keep.any():
-        return {"norm": 0.0, "amp": None, "r": 0}
+        return {"norm": 0.0, "rank": 0, "r": 0, "amp": None}
     B = (m.lora_B[:, keep] * m.lora_g[keep]).double()  # (d_out, k)
     U, S, Vh = low_rank_svd(B, m.lora_A[keep].double())
-    r0 = numerical_rank(S, m.base.weight.shape, m.lora_A.dtype) if r is None else r
-    amp, r0 = amplification(m.base.weight.double(), U, S, Vh, r0)
-    return {"norm": float(S.norm()), "amp": amp, "r": r0}
+    return _measures(m.base.weight.double(), U, S, Vh, m.lora_A.dtype, r)
 
 
 @torch.no_grad()
 def weight_update(W0, W1, r=None):
-    """||W1 - W0||_F, amplification of W1 - W0 against W0 and its r, for two full matrices.
+    """||W1 - W0||_F, its rank, r and the amplification of W1 - W0 against W0, for two full matrices.
     NOTE: a full SVD (about 0.4 s for 3072 x 768 on one CPU core, fp32); use adapter_update when
     the factors are at hand."""
-    D = W1 - W0                                      # (d_out, d_in)
-    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    amp, r = amplification(W0, U, S, Vh, r)
-    return {"norm": float(S.norm()), "amp": amp, "r": r}
+    U, S, Vh = torch.linalg.svd(W1 - W0, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    # NOTE: storing W in fp32 rounds it by up to eps/2 * ||W||_F, so singular values of W1 - W0 below
+    # eps * ||W0||_F cannot be told from rounding (each merge rounds); the rank ignores them
+    return _measures(W0, U, S, Vh, W0.dtype, r, floor=torch.finfo(W0.dtype).eps * float(W0.norm()))
 
 # -----------------------------------------------------------------------------
 # a whole model: one task's report (what train.py stores in results.json)
 
 
 def updates(model, before=None, r=None):
-    """{name: {"norm", "amp", "r"}} of this task's update: from the model's adapters, or, for a model
+    """{name: {"norm", "rank", "r", "amp"}} of this task's update: from the model's adapters, or, for a model
     without adapters (full fine-tuning), from its weights against `before` (weights() at the start)."""
     if codyra._adapters(model):
         return {n: adapter_update(m, r) for n, m in codyra._adapters(model)}
@@ -233,6 +237,24 @@ def task_report(model, g_init, pretrained, before=None):
                           "pooled": _num(_frob(norms.values()) / _frob(proj) if proj else None)},
         "drift": summarize_drift(drift(pretrained, model)),
     }
+
+def compare(model_a, model_b, r=None, where=None):
+    """What changed from model A to model B, in every CLIP linear (where: a codyra placement; None:
+    all six types of both encoders): {"update": ||W_B - W_A||_F, "rank": rank of W_B - W_A,
+    "amplification": of W_B - W_A against W_A (top-r, r = that rank unless given), "drift": B from A}."""
+    where = where or codyra.clip_placement()
+    wa, wb = weights(model_a, where), weights(model_b, where)
+    if {n: w.shape for n, w in wa.items()} != {n: w.shape for n, w in wb.items()}:
+        raise ValueError("the two models have different architectures")
+    upd = {n: weight_update(wa[n], wb[n].to(wa[n].device), r) for n in wa}
+    norms = {n: u["norm"] for n, u in upd.items()}
+    proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
+    return {"update": {"grid": grid({n: _num(x) for n, x in norms.items()}), "total": _num(_frob(norms.values()))},
+            "rank": {"grid": grid({n: u["rank"] for n, u in upd.items()}), "r": r},
+            "amplification": {"grid": grid({n: _num(u["amp"]) for n, u in upd.items()}),
+                              "pooled": _num(_frob(norms.values()) / _frob(proj) if proj else None)},
+            "drift": summarize_drift({n: (norms[n], float(wa[n].norm())) for n in wa})}
+
 
 # -----------------------------------------------------------------------------
 # terminal print
@@ -361,3 +383,21 @@ def plot(results, out):
         ax.set_xlabel("after task")
     save(fig, "drift.png")
     return paths
+
+
+def format_comparison(c):
+    """The print of eval.py --compare: three grids per encoder and the drift per module type."""
+    three = lambda x: f"{x:.3g}"  # noqa: E731
+    r = "r = rank of W_B - W_A" if c["rank"]["r"] is None else f"top r = {c['rank']['r']}"
+    lines = []
+    for title, key, cell in (("||W_B - W_A||_F", "update", three), ("rank of W_B - W_A", "rank", str),
+                             (f"amplification of W_B - W_A against W_A ({r})", "amplification", three)):
+        lines.append(f"{title}, layer by module type ('-': none)")
+        lines += side_by_side([format_grid(rows, e, cell) for e, rows in c[key]["grid"].items()])
+    d, a = c["drift"], c["amplification"]["pooled"]
+    lines.append("drift relative to ||W_A||_F (%): " + " | ".join(
+        f"{e} " + " ".join(f"{t} {100 * d['relative'][e][t]:.2g}" for t in TYPES if t in d["relative"][e])
+        for e in ENCODERS if e in d["relative"]))
+    lines.append(f"||W_B - W_A||_F {d['norm']['total']:.3g} ({100 * d['relative']['total']:.2g}% of ||W_A||_F) | "
+                 f"amplification {'-' if a is None else f'{a:.3g}'} (pooled)")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
     python eval.py --setting mtil --data-dir ~/data               # OpenAI CLIP zero-shot
     python eval.py --setting xtail --model out/checkpoint.pt      # a model trained by train.py
+    python eval.py --compare ViT-B/16 out/checkpoint.pt           # what training changed in the weights
 
 A[t, j] is the top-1 accuracy (%) on dataset j after training task t. MTIL evaluates
 task-aware (each image among its own dataset's classes, template ensemble); X-TAIL
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import analysis
 import clip_model
 import data
 
@@ -177,8 +179,23 @@ def check_common_args(p, args):
 
 def main():
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    g = p.add_argument_group("analysis")
+    g.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print what changed from model A to model B "
+                   "(model names, OpenAI weight files or checkpoints): drift, ||W_B - W_A||_F, amplification")
+    g.add_argument("--amp-rank", type=int, help="r of the amplification factor, in singular vectors "
+                                                "(default: the rank of each W_B - W_A)")
     args = p.parse_args()
     check_common_args(p, args)
+    if args.amp_rank is not None and args.amp_rank < 1:
+        p.error("--amp-rank must be >= 1")
+    if args.compare:
+        device = pick_device(args.device)
+        try:
+            a, b = [clip_model.load(path, device) for path in args.compare]
+            print(analysis.format_comparison(analysis.compare(a, b, args.amp_rank)))
+        except (clip_model.CLIPLoadError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        return
     results_path = os.path.join(args.out, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")

@@ -59,7 +59,7 @@ def test_amplification_by_hand_from_adapter_factors():
     B = torch.stack([E[2], E[0], E[3]], 1)   # columns e3, e1, e4
     A = torch.stack([E[2], E[1], E[3]])      # rows e3, e2, e4
     u = analysis.adapter_update(adapter(W0, B, [6.0, 0.0, 8.0], A))
-    assert u["r"] == 2 and u["norm"] == pytest.approx(10.0)
+    assert u["rank"] == u["r"] == 2 and u["norm"] == pytest.approx(10.0)
     assert u["amp"] == pytest.approx(10 / math.sqrt(5))
 
 
@@ -68,7 +68,7 @@ def test_amplification_by_hand_from_full_matrices_and_top_r():
     dW = 6 * torch.outer(E[2], E[2]) + 8 * torch.outer(E[3], E[3])
     assert analysis.weight_update(W0, W0 + dW)["amp"] == pytest.approx(10 / math.sqrt(5), rel=1e-5)
     assert analysis.weight_update(W0, W0 + dW, r=1)["amp"] == pytest.approx(10.0, rel=1e-5)
-    assert analysis.weight_update(W0, W0.clone()) == {"norm": 0.0, "amp": None, "r": 0}
+    assert analysis.weight_update(W0, W0.clone()) == {"norm": 0.0, "rank": 0, "r": 0, "amp": None}
 
 
 def test_amplification_is_one_along_the_weights_own_top_directions():
@@ -79,7 +79,7 @@ def test_amplification_is_one_along_the_weights_own_top_directions():
     B, A = U[:, :3] * S[:3], Vh[:3]
     Q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]  # same subspace, another basis
     Uf, Sf, Vhf = analysis.low_rank_svd(B @ Q, Q.T @ A)
-    assert analysis.amplification(W, Uf, Sf, Vhf) == (pytest.approx(1.0), 3)
+    assert analysis.amplification(W, Uf, Sf, Vhf, 3) == pytest.approx(1.0)
     assert analysis.weight_update(W.float(), (W + B @ A).float())["amp"] == pytest.approx(1.0, rel=1e-4)
 
 
@@ -185,6 +185,13 @@ def test_tiny_run_with_plot_writes_figures_and_analysis(tiny_weights, tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["analysis"]) == len(res["datasets"]) and "active ranks" in out.stdout
     assert res["analysis"][-1]["drift"]["norm"]["total"] > 0
+    # the merged updates are all there is: rank(W_T - W_pre) <= the sum of the ranks kept per task
+    clip_model = pytest.importorskip("clip_model")
+    c = analysis.compare(clip_model.load(tiny_weights), clip_model.load(str(tmp_path / "checkpoint.pt")))
+    for e, rows in c["rank"]["grid"].items():
+        for i, row in enumerate(rows):
+            kept = [sum(rep["ranks"]["grid"][e][i][j] for rep in res["analysis"]) for j in range(len(row))]
+            assert all(x <= k and (x > 0) == (k > 0) for x, k in zip(row, kept)), (e, i, row, kept)
 
 
 def test_compare_two_checkpoints(tiny_weights, tmp_path):
