@@ -1,0 +1,75 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import clip_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# a tiny random CLIP stands in for the pretrained one: these tests check the machinery, not accuracy
+FAST = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank", "2", "--workers", "0",
+        "--eval-batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = clip_model.CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1)  # heads = width // 64, as build_model infers
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def run(*argv, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_tiny_run_end_to_end(tiny_weights, tmp_path):
+    """train.py walks the whole tiny sequence and writes a complete results.json."""
+    out = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    T = len(res["datasets"])
+    assert T >= 5 and len(res["acc"]) == T and all(len(row) == T for row in res["acc"])
+    assert all(0.0 <= a <= 100.0 for row in res["acc"] for a in row)
+    assert set(res["metrics"]) == {"transfer", "average", "last"}
+    assert "Transfer" in out.stdout and "Last" in out.stdout
+
+
+def test_existing_results_are_not_overwritten(tiny_weights, tmp_path):
+    """A second run into a folder holding results is refused with one line, unless asked."""
+    (tmp_path / "results.json").write_text("{}")
+    out = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path))
+    assert out.returncode != 0 and "--overwrite" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags", [["--shots", "0"], ["--rank", "0"], ["--dense-ratio", "1.5"],
+                                   ["--datasets", "nosuchset"], ["--layers", "q,nosuch"]])
+def test_impossible_flags_are_refused(flags, tmp_path):
+    """Impossible flag values stop argparse with a one-line message and no traceback."""
+    out = run(*FAST, *flags, "--out", str(tmp_path))
+    assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
+    """Killing a run after a task and resuming it gives the matrix of a run never interrupted."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run(*FAST, "--model", tiny_weights, "--out", str(whole)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", tiny_weights, "--out", str(cut)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (cut / "results.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(json.loads((cut / "results.json").read_text())["acc"])
+    total = len(json.loads((whole / "results.json").read_text())["acc"])
+    assert 1 <= finished < total, "the run was not interrupted mid-sequence"
+    out = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((cut / "results.json").read_text())["acc"] == json.loads((whole / "results.json").read_text())["acc"]
