@@ -10,14 +10,18 @@ evaluates task-agnostic (each image among the union of every dataset's classes).
 train.py imports the functions below; run alone, this script writes one row.
 """
 import argparse
+import copy
+import hashlib
 import json
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision import transforms
 
 import analysis
 import clip_model
@@ -84,26 +88,39 @@ def class_features(model, classnames, templates, device):
     return F.normalize(feats, dim=-1)
 
 
+def normalize(images):
+    """(B, 3, R, R) uint8 -> float: the arithmetic of ToTensor + Normalize, so the same bits, run on
+    the images' device (a uint8 batch is also a quarter of the bytes to copy there)."""
+    mean = torch.tensor(clip_model.MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(clip_model.STD, device=images.device).view(3, 1, 1)
+    return images.float().div(255).sub(mean).div(std)
+
+
 @torch.no_grad()
 def image_features(model, dataset, device, batch_size, workers):
-    """(N, E) normalised image features and (N,) labels of a whole test set."""
+    """(N, E) normalised image features and (N,) labels of a whole test set (float or uint8 images)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     feats, labels = [], []
     for images, y in loader:
-        feats.append(F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1))
+        images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # from the cache: normalised here
+            images = normalize(images)
+        feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
-def evaluate(model, tasks, union, device, batch_size=256, workers=2):
+def evaluate(model, tasks, union, device, batch_size=None, workers=2):
     """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix.
 
     union=False: task-aware, each image among its own task's classes (MTIL).
     union=True: task-agnostic, each image among all tasks' classes; its target is its
     local label plus the number of classes of the tasks before it (X-TAIL).
+    batch_size None: 1024 on CUDA, 256 on CPU.
     """
+    batch_size = batch_size or (1024 if device.type == "cuda" else 256)
     was_training = model.training
     model.eval()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
@@ -118,6 +135,90 @@ def evaluate(model, tasks, union, device, batch_size=256, workers=2):
         row.append(100.0 * (pred == labels).float().mean().item())
     model.train(was_training)
     return row
+
+# -----------------------------------------------------------------------------
+# test images decoded once per run: a uint8 cache on disk, reused by every evaluation
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """A test set as (3, R, R) uint8 tensors, already resized and cropped, read from a .npy file.
+    The file is memory-mapped, so memory stays bounded by what the OS keeps in its page cache
+    (MTIL's ~100k test images are ~15 GB at 224 px; in RAM they would not fit most machines)."""
+
+    def __init__(self, path, labels):
+        self.path, self.labels, self.images = path, labels, None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self.images is None:  # opened lazily, in each loader process
+            self.images = np.load(self.path, mmap_mode="r")  # (N, 3, R, R) uint8
+        return torch.from_numpy(np.array(self.images[i])), self.labels[i]
+
+    def __getstate__(self):  # NOTE: a pickled memmap is a full copy; workers reopen the file instead
+        return {**self.__dict__, "images": None}
+
+
+def uint8_transform(resolution):
+    """The deterministic steps of the evaluation transform (resize, crop, RGB) -> (3, R, R) uint8."""
+    steps = clip_model.transform(False, resolution).transforms
+    assert isinstance(steps[-2], transforms.ToTensor) and isinstance(steps[-1], transforms.Normalize)
+    return transforms.Compose(steps[:-2] + [transforms.PILToTensor()])
+
+
+def _fingerprint(images):
+    """A short hash of an ImageSet's image list: its file paths, or its pixels."""
+    h = hashlib.sha1()
+    if isinstance(images, np.ndarray):
+        h.update(str(images.shape).encode())
+        h.update(np.ascontiguousarray(images).data)
+    else:
+        h.update("\n".join(images).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_test_set(name, dataset, resolution, cache_dir, workers=2):
+    """`dataset` as CachedImages; the file is built on first use, decoding in `workers` loader
+    processes, and written atomically. Its name holds the dataset name, the resolution and a hash of
+    the image list. NOTE: images replaced in place under the same paths are not noticed; delete the
+    file (or the folder) then."""
+    path = os.path.join(cache_dir, f"{name}_{resolution}px_{_fingerprint(dataset.images)}.npy")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        source = copy.copy(dataset)
+        source.transform = uint8_transform(resolution)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(dataset), 3, resolution, resolution))
+            i = 0
+            for images, _ in DataLoader(source, batch_size=64, num_workers=workers):
+                out[i:i + len(images)] = images.numpy()
+                i += len(images)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return CachedImages(path, dataset.labels)
+
+
+def prepare_test_sets(tasks, resolution, cache_dir, workers):
+    """Give every task's test set the evaluation transform, or (cache_dir not "none") replace it
+    by its uint8 cache, so that evaluations after every task cost forward passes, not decoding."""
+    for task in tasks:
+        task.test.transform = clip_model.transform(False, resolution)
+        if cache_dir == "none":
+            continue
+        start = time.time()
+        try:
+            task.test = cache_test_set(task.name, task.test, resolution, os.path.expanduser(cache_dir), workers)
+        except OSError as e:  # a full or read-only disk: evaluate from the images instead
+            print(f"{task.name}: no test-image cache ({e}); decoding at every evaluation")
+            continue
+        if time.time() - start > 1:
+            print(f"{task.name}: {len(task.test)} test images cached in {time.time() - start:.0f}s")
 
 # -----------------------------------------------------------------------------
 # shared by train.py and eval.py
@@ -137,6 +238,13 @@ def write_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+def compile_encoders(model):
+    """torch.compile the two towers in place (state-dict keys unchanged); inject and merge swap
+    modules inside them, which makes torch recompile once per task."""
+    model.visual.compile()
+    model.transformer.compile()
 
 
 def pick_device(name):
@@ -160,8 +268,16 @@ def add_common_args(p):
     g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     g.add_argument("--seed", type=int, default=8, help="random seed (the released code's is 8)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
-    g.add_argument("--workers", type=int, default=2, help="data-loader processes")
+    g.add_argument("--eval-batch-size", type=int,
+                   help="images per evaluation batch (default 1024 on CUDA, 256 on CPU)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loader processes (default: the CPU cores, at most 8)")
+    g.add_argument("--cache-dir", default="~/.cache/codyra/eval",
+                   help="folder for the test images, resized and stored as uint8 once (~150 KB per image "
+                        "at 224 px, ~15 GB for MTIL); 'none' decodes them at every evaluation")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile both encoders; off by default: not shown to be faster including "
+                        "its compile time (see bench.py --compile)")
     return p
 
 
@@ -173,7 +289,7 @@ def check_common_args(p, args):
         if unknown:
             p.error(f"unknown dataset(s) {','.join(unknown)} for --setting {args.setting}; "
                     f"choose from {','.join(known)}")
-    if args.eval_batch_size < 1 or args.workers < 0:
+    if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
         p.error("--eval-batch-size must be >= 1 and --workers >= 0")
 
 
@@ -207,8 +323,9 @@ def main():
         model = load_model(args.model, args.setting, args.seed).to(device)
     except (data.DataError, clip_model.CLIPLoadError) as e:
         sys.exit(f"error: {e}")
-    for task in tasks:
-        task.test.transform = clip_model.transform(False, model.visual.input_resolution)
+    prepare_test_sets(tasks, model.visual.input_resolution, args.cache_dir, args.workers)
+    if args.compile:
+        compile_encoders(model)
     union = data.SETTINGS[args.setting]["eval"] == "union"
     start = time.time()
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
