@@ -20,8 +20,8 @@ import analysis
 import clip_model
 import codyra
 import data
-from eval import (add_common_args, check_common_args, class_features, compute_metrics, evaluate,
-                  format_matrix, format_table, load_model, pick_device, write_json)
+from eval import (add_common_args, check_common_args, class_features, compile_encoders, compute_metrics,
+                  evaluate, format_matrix, format_table, load_model, pick_device, prepare_test_sets, write_json)
 
 # -----------------------------------------------------------------------------
 # config
@@ -97,7 +97,9 @@ names = [t.name for t in tasks]
 resolution = model.visual.input_resolution
 for task in tasks:
     task.train.transform = clip_model.transform(True, resolution)
-    task.test.transform = clip_model.transform(False, resolution)
+prepare_test_sets(tasks, resolution, args.cache_dir, args.workers)  # decoded once, reused by every evaluation
+if args.compile:
+    compile_encoders(model)
 union = setting["eval"] == "union"
 
 # -----------------------------------------------------------------------------
