@@ -158,12 +158,12 @@ def train_task(t, task, seen_text):
         if now - shown > (1 if sys.stdout.isatty() else 30) or it == args.iterations - 1:
             shown = now
             ranks = codyra.rank_stats(model)
-            mean_rank = sum(ranks.values()) / max(len(ranks), 1)
+            rank = f"ranks {sum(ranks.values()) / len(ranks):.1f}/{args.rank} | " if ranks else ""
             speed = (it + 1) * args.batch_size / (now - start)
             left = (args.iterations - it - 1) * (now - start) / (it + 1)
             print(f"\rtask {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
-                  f"loss {loss.item():.3f} | tau {tau:.4f} | ranks {mean_rank:.1f}/{args.rank} | "
-                  f"{speed:.0f} img/s | {left:.0f}s left ", end="" if sys.stdout.isatty() else "\n", flush=True)
+                  f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}{speed:.0f} img/s | {left:.0f}s left ",
+                  end="" if sys.stdout.isatty() else "\n", flush=True)
     if sys.stdout.isatty():
         print()
     report = analysis.task_report(model, g_init, pretrained, before)  # needs the adapters: before merge
