@@ -99,8 +99,10 @@ def normalize(images):
 @torch.no_grad()
 def image_features(model, dataset, device, batch_size, workers):
     """(N, E) normalised image features and (N,) labels of a whole test set (float or uint8 images)."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    if isinstance(dataset, CachedImages):  # one copy per batch: loader processes would cost more than they save
+        loader = dataset.batches(batch_size, pin=device.type == "cuda")
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
     for images, y in loader:
         images = images.to(device, non_blocking=True)
@@ -155,6 +157,13 @@ class CachedImages(torch.utils.data.Dataset):
         if self.images is None:  # opened lazily, in each loader process
             self.images = np.load(self.path, mmap_mode="r")  # (N, 3, R, R) uint8
         return torch.from_numpy(np.array(self.images[i])), self.labels[i]
+
+    def batches(self, batch_size, pin=False):
+        """(B, 3, R, R) uint8 and (B,) labels, in order: one slice of the file each."""
+        images = np.load(self.path, mmap_mode="r")
+        for i in range(0, len(self), batch_size):
+            x = torch.from_numpy(np.array(images[i:i + batch_size]))
+            yield (x.pin_memory() if pin else x), torch.tensor(self.labels[i:i + batch_size])
 
     def __getstate__(self):  # NOTE: a pickled memmap is a full copy; workers reopen the file instead
         return {**self.__dict__, "images": None}
