@@ -6,15 +6,24 @@ generated downstream domains, so that the method can be watched working offline 
 Pretraining scenes: 1-4 filled shapes of one shape, colour and size on a dark plain or
 low-contrast patterned background, captioned with a random subset of their attributes
 ("a photo of three small red circles on a striped background."). No digits ever appear.
-Downstream domains are drawn in other styles (light or noisy backgrounds, blobs, full-image
+Downstream domains are drawn in other styles (noisy or tinted backgrounds, blobs, full-image
 patterns, pen strokes), so zero-shot works only partly and training helps; `digits` is new.
 """
+import hashlib
+import json
+import math
+import os
+import time
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+import clip_model
+from data import ImageSet, Task
 
 # -----------------------------------------------------------------------------
 # tiny world: image generator (self-contained; moves into data.py)
@@ -148,6 +157,7 @@ def _positions(rng, k, radius):
 
 # --- pretraining distribution ---------------------------------------------------------------
 
+SAY = dict(shape=0.9, colour=0.6, size=0.4, position=0.3, background=0.6)  # how often a caption names each
 CAPTION_TEMPLATES = ["a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.", "there is {}.",
                      "an image showing {}."]
 _POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"],
@@ -160,7 +170,7 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
     k = k or int(rng.integers(1, PRETRAIN_MAX_COUNT + 1))
     large = k == 1 and rng.random() < 0.5
-    radius = rng.uniform(9, 12) if large else rng.uniform(3.5, 5)
+    radius = rng.uniform(9, 12) if large else rng.uniform(4, 5.5)
     canvas = np.empty((RES, RES, 3), dtype=np.float32)
     canvas[:] = _jitter(rng, (rng.uniform(0, 70),) * 3, 12)  # dark, slightly tinted
     background = None
@@ -177,7 +187,7 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
         _paint(canvas, shape_mask(shape, cx, cy, radius, rng.normal(0, 0.1)), rgb)
 
     # the caption names a random subset of the attributes (always the shape or the colour)
-    say_shape, say_colour = rng.random() < 0.75, rng.random() < 0.75
+    say_shape, say_colour = rng.random() < SAY["shape"], rng.random() < SAY["colour"]
     if not (say_shape or say_colour):
         say_shape = True
     words = []
@@ -185,16 +195,16 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
         words.append("one" if rng.random() < 0.2 else "a")
     else:
         words.append(COUNTS[k - 1] if rng.random() < 0.8 else "some")
-    if rng.random() < 0.4:
+    if rng.random() < SAY["size"]:
         words.append("large" if large else "small")
     if say_colour:
         words.append(colour)
     noun = shape if say_shape else "object"
     words.append(noun + ("es" if noun == "cross" and k > 1 else "s" if k > 1 else ""))
-    if k == 1 and not large and rng.random() < 0.3:
+    if k == 1 and not large and rng.random() < SAY["position"]:
         cx, cy = centres[0]
         words.append("at the " + _POSITION_NAMES[min(int(cy // (RES / 3)), 2)][min(int(cx // (RES / 3)), 2)])
-    if background and rng.random() < 0.6:
+    if background and rng.random() < SAY["background"]:
         words.append(f"on a {background} " + ("background" if rng.random() < 0.5 else "pattern"))
     desc = " ".join(words)
     if words[0] == "a" and words[1][0] in "aeiou":
@@ -203,18 +213,26 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
 
 
 def pretrain_batch(rng, n):
-    """n pretraining scenes: uint8 (n, RES, RES, 3) and a list of n captions."""
-    pairs = [pretrain_example(rng) for _ in range(n)]
-    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+    """n pretraining scenes in pairs that differ in one attribute (mostly the shape): uint8 (n, RES, RES, 3),
+    captions. NOTE: hard negatives: colour alone tells most random scenes apart and is learned first;
+    a partner that differs only in shape makes the shape matter to the loss."""
+    pairs = []
+    while len(pairs) < n:
+        shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
+        k = int(rng.integers(1, PRETRAIN_MAX_COUNT + 1))
+        pairs.append(pretrain_example(rng, shape, colour, k))
+        change = rng.random()
+        if change < 0.6:
+            shape = SHAPES[(SHAPES.index(shape) + rng.integers(1, len(SHAPES))) % len(SHAPES)]
+        elif change < 0.8:
+            colour = list(COLOURS)[(list(COLOURS).index(colour) + rng.integers(1, len(COLOURS))) % len(COLOURS)]
+        else:
+            k = k % PRETRAIN_MAX_COUNT + 1
+        pairs.append(pretrain_example(rng, shape, colour, k))
+    return np.stack([p[0] for p in pairs[:n]]), [p[1] for p in pairs[:n]]
 
 
 # --- downstream domains ---------------------------------------------------------------------
-
-def _light_noisy_background(rng):
-    canvas = np.empty((RES, RES, 3), dtype=np.float32)
-    canvas[:] = _jitter(rng, (rng.uniform(150, 230),) * 3, 20)
-    return canvas
-
 
 def _add_noise(rng, canvas, sigma):
     canvas += rng.normal(0, sigma, canvas.shape).astype(np.float32)
@@ -222,13 +240,14 @@ def _add_noise(rng, canvas, sigma):
 
 
 def draw_shapes(rng, label):
-    """One shape, any colour but white, rotated, on a light noisy background."""
-    canvas = _light_noisy_background(rng)
+    """One shape, any colour but white, rotated, on a noisy background."""
+    canvas = np.empty((RES, RES, 3), dtype=np.float32)
+    canvas[:] = _jitter(rng, (rng.uniform(20, 100),) * 3, 20)
     rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS) - 1)], 25)
     r = rng.uniform(7, 12)
     cx, cy = RES / 2 + rng.uniform(-16 + r, 16 - r), RES / 2 + rng.uniform(-16 + r, 16 - r)
-    _paint(canvas, shape_mask(SHAPES[label], cx, cy, r, rng.normal(0, 0.25)), rgb)
-    return _to_uint8(_add_noise(rng, canvas, 18))
+    _paint(canvas, shape_mask(SHAPES[label], cx, cy, r, rng.normal(0, 0.2)), rgb)
+    return _to_uint8(_add_noise(rng, canvas, 20))
 
 
 def _blob_mask(rng, cx, cy, size):
@@ -252,12 +271,12 @@ def draw_colours(rng, label):
 
 
 def draw_counts(rng, label):
-    """label+1 small discs or squares of one colour on a coloured, noisy table."""
+    """label+1 small discs, squares or diamonds of one colour on a tinted, noisy table."""
     canvas = np.empty((RES, RES, 3), dtype=np.float32)
-    canvas[:] = _jitter(rng, (rng.uniform(60, 120), rng.uniform(60, 120), rng.uniform(60, 120)), 5)
+    canvas[:] = _jitter(rng, (rng.uniform(30, 90), rng.uniform(30, 90), rng.uniform(30, 90)), 5)
     shape = ["circle", "square", "diamond"][rng.integers(3)]
     rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS))], 20)
-    r = rng.uniform(2.8, 4)
+    r = rng.uniform(3.5, 4.5)
     for cx, cy in _positions(rng, label + 1, r):
         _paint(canvas, shape_mask(shape, cx, cy, r), rgb)
     return _to_uint8(_add_noise(rng, canvas, 10))
@@ -310,33 +329,10 @@ def _rng(*keys):
     return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys])
 
 
-class ImageSet(torch.utils.data.Dataset):
-    """Generated images held as uint8 arrays; __getitem__ -> (transform(PIL image), label)."""
-
-    def __init__(self, images, labels, transform=None):
-        self.images, self.labels, self.transform = images, list(labels), transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        img = Image.fromarray(self.images[i])
-        return (self.transform(img) if self.transform else img), self.labels[i]
-
-
 def generate(domain, per_class, rng):
     """per_class images of every class of a domain, class-major order."""
     labels = [c for c in range(len(domain.classnames)) for _ in range(per_class)]
     return ImageSet(np.stack([domain.draw(rng, c) for c in labels]), labels)
-
-
-@dataclass
-class Task:  # NOTE: same fields as data.Task; replaced by it when this section moves into data.py
-    name: str
-    classnames: list
-    templates: list
-    train: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
 
 
 TEST_PER_CLASS = 40
@@ -346,7 +342,11 @@ TEST_SEED = 12345  # test sets are fixed, like a benchmark's; the run seed only 
 def tiny_tasks(shots=16, seed=0, test_per_class=TEST_PER_CLASS, domains=None):
     """The downstream sequence as Tasks: `shots` training images per class drawn from the seed,
     and a fixed test set."""
-    chosen = [d for d in DOMAINS if domains is None or d.name in domains]
+    by_name = {d.name: d for d in DOMAINS}
+    unknown = [n for n in domains or () if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown datasets {unknown} for tiny; choose from {list(by_name)}")
+    chosen = [by_name[n] for n in domains] if domains else DOMAINS
     return [Task(d.name, d.classnames, d.templates,
                  generate(d, shots, _rng(seed, d.name, "train")),
                  generate(d, test_per_class, _rng(TEST_SEED, d.name, "test"))) for d in chosen]
@@ -354,21 +354,12 @@ def tiny_tasks(shots=16, seed=0, test_per_class=TEST_PER_CLASS, domains=None):
 # -----------------------------------------------------------------------------
 # tiny CLIP: contrastive pretraining on generated captioned scenes, cached on disk
 
-import hashlib
-import json
-import math
-import os
-import time
-
-import torch.nn.functional as F
-
-import clip_model
-
 WORLD_VERSION = 1  # NOTE: bump when the generator or the recipe changes, so stale caches are not reused
-TINY_CLIP = dict(embed_dim=64, image_resolution=RES, vision_layers=3, vision_width=128, vision_patch_size=4,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+# NOTE: widths are multiples of 64: build_model infers heads = width / 64, so a saved run reloads as built
+TINY_CLIP = dict(embed_dim=64, image_resolution=RES, vision_layers=3, vision_width=128, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
                  transformer_layers=3)
-PRETRAIN = dict(steps=600, batch_size=128, lr=1e-3, warmup=50, weight_decay=0.1)
+PRETRAIN = dict(steps=1000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
 
 
 def _pixels(arrays, tf):
@@ -377,10 +368,8 @@ def _pixels(arrays, tf):
 
 def clip_loss(model, images, captions):
     """Symmetric InfoNCE of CLIP; identical captions in a batch all count as matches, not negatives."""
-    tokens = clip_model.tokenize(captions)
-    tokens = tokens[:, :int(tokens.argmax(-1).max()) + 1]         # (B, L): the causal mask makes the cut exact
-    img = F.normalize(model.encode_image(images), dim=-1)        # (B, E)
-    txt = F.normalize(model.encode_text(tokens), dim=-1)         # (B, E)
+    img = F.normalize(model.encode_image(images), dim=-1)                        # (B, E)
+    txt = F.normalize(model.encode_text(clip_model.tokenize(captions)), dim=-1)  # (B, E)
     logits = model.logit_scale.exp() * img @ txt.T               # (B, B)
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
     target = same / same.sum(1, keepdim=True)
