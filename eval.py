@@ -269,6 +269,8 @@ def add_common_args(p):
     g.add_argument("--data-dir", default="data", help="folder holding the datasets (see README)")
     g.add_argument("--datasets", help="comma-separated datasets, in order (default: the setting's order)")
     g.add_argument("--download", action="store_true", help="download the datasets torchvision can fetch")
+    g.add_argument("--eval-style", choices=["task-aware", "union"], help="each image among its own dataset's "
+                   "classes (MTIL) or among all datasets' classes (X-TAIL); default: the setting's")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="OpenAI model name (default ViT-B/16), OpenAI weight file, or a "
                                    "checkpoint.pt of this project; the tiny setting has its own")
@@ -298,6 +300,7 @@ def check_common_args(p, args):
         if unknown:
             p.error(f"unknown dataset(s) {','.join(unknown)} for --setting {args.setting}; "
                     f"choose from {','.join(known)}")
+    args.eval_style = args.eval_style or data.SETTINGS[args.setting]["eval"]
     if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
         p.error("--eval-batch-size must be >= 1 and --workers >= 0")
 
@@ -335,7 +338,7 @@ def main():
     prepare_test_sets(tasks, model.visual.input_resolution, args.cache_dir, args.workers)
     if args.compile:
         compile_encoders(model)
-    union = data.SETTINGS[args.setting]["eval"] == "union"
+    union = args.eval_style == "union"
     start = time.time()
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         row = evaluate(model, tasks, union, device, args.eval_batch_size, args.workers)

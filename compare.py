@@ -1,0 +1,56 @@
+"""Run train.py for several methods and seeds on one setting and print one table: mean and
+standard deviation of Transfer, Average and Last, and the ranks CoDyRA kept.
+
+    python compare.py                                     # tiny world: codyra, lora, full x seeds 0, 1, 2
+    python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
+
+Each run is an ordinary train.py run in --out/<method>-seed<seed>; a finished one is read, not
+rerun, and an interrupted one is resumed, so this command can be stopped and started again.
+Arguments after `--` go to every train.py run.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--setting", default="tiny", help="setting passed to train.py")
+p.add_argument("--data-dir", default="data", help="dataset folder passed to train.py")
+p.add_argument("--methods", default="codyra,lora,full", help="comma-separated train.py --method values")
+p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+p.add_argument("--out", default="runs/compare", help="folder holding one subfolder per run")
+p.add_argument("extra", nargs="*", help="further train.py arguments, after --")
+args = p.parse_args()
+methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+
+results = {}
+for method in methods:
+    for seed in seeds:
+        out = os.path.join(args.out, f"{method}-seed{seed}")
+        path = os.path.join(out, "results.json")
+        done = os.path.exists(path) and "metrics" in json.load(open(path))
+        if not done:
+            resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else ["--overwrite"]
+            cmd = [sys.executable, "train.py", "--setting", args.setting, "--data-dir", args.data_dir,
+                   "--method", method, "--seed", str(seed), "--out", out, *resume, *args.extra]
+            print("$ " + " ".join(cmd[1:]), flush=True)
+            if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              stdout=subprocess.DEVNULL).returncode:
+                sys.exit(f"error: {method} seed {seed} failed; rerun its command above to see why")
+        results[method, seed] = json.load(open(path))
+
+
+def mean_std(values):
+    return f"{statistics.mean(values):5.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:3.1f}"
+
+
+print(f"\n{args.setting}: mean ± std over seeds {args.seeds} (accuracy %)")
+print(f"{'method':<8}{'Transfer':>14}{'Average':>14}{'Last':>14}{'mean rank kept':>18}")
+for method in methods:
+    runs = [results[method, s] for s in seeds]
+    cells = [mean_std([r["metrics"][m]["mean"] for r in runs]) for m in ("transfer", "average", "last")]
+    ranks = [a["ranks"]["mean"] for r in runs for a in r["analysis"] if a.get("ranks")]
+    kept = f"{statistics.mean(ranks):.1f} of {runs[0]['args']['rank']}" if ranks else "-"
+    print(f"{method:<8}" + "".join(f"{c:>14}" for c in cells) + f"{kept:>18}")
