@@ -429,32 +429,17 @@ def pretrained_tiny_clip(seed=0, cache_dir=None, log=print):
     return model
 
 
-@torch.no_grad()
-def zero_shot(model, tasks, union=False, batch_size=256):
-    """Top-1 accuracy (%) per task: task-aware, or among the union of all tasks' classes."""
-    model.eval()
-    tf = clip_model.transform(False, model.visual.input_resolution)
-    texts = []
-    for t in tasks:
-        feats = [F.normalize(model.encode_text(clip_model.tokenize([tpl.format(c) for c in t.classnames])), dim=-1)
-                 for tpl in t.templates]
-        texts.append(F.normalize(torch.stack(feats).mean(0), dim=-1))  # (C, E) template ensemble
-    offsets = np.cumsum([0] + [len(t.classnames) for t in tasks])
-    row = []
-    for i, t in enumerate(tasks):
-        img = torch.cat([F.normalize(model.encode_image(_pixels(t.test.images[j:j + batch_size], tf)), dim=-1)
-                         for j in range(0, len(t.test), batch_size)])
-        pred = (img @ (torch.cat(texts) if union else texts[i]).T).argmax(-1) - (offsets[i] if union else 0)
-        row.append(100.0 * (pred == torch.tensor(t.test.labels)).float().mean().item())
-    return row
-
-
 if __name__ == "__main__":
     t0 = time.time()
     model = pretrained_tiny_clip(seed=0)
     print(f"tiny CLIP ready in {time.time() - t0:.0f}s, {sum(p.numel() for p in model.parameters()):,} parameters")
+    import eval as evaluation  # the evaluation train.py runs after every task
+
     tasks = tiny_tasks(shots=1)
-    aware, union = zero_shot(model, tasks), zero_shot(model, tasks, union=True)
+    for t in tasks:
+        t.test.transform = clip_model.transform(False, model.visual.input_resolution)
+    cpu = torch.device("cpu")
+    aware, union = (evaluation.evaluate(model, tasks, union, cpu, workers=0) for union in (False, True))
     n_union = sum(len(t.classnames) for t in tasks)
     print(f"{'domain':10s} {'classes':>7s} {'chance':>7s} {'zero-shot':>9s} {'union chance':>12s} {'union':>6s}")
     for t, a, u in zip(tasks, aware, union):
