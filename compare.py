@@ -1,5 +1,6 @@
 """Run train.py for several methods and seeds on one setting and print one table: mean and
-standard deviation of Transfer, Average and Last, and the ranks CoDyRA kept.
+standard deviation of Transfer, Average, Last, accuracy right after learning each task and
+forgetting since, and the ranks CoDyRA kept.
 
     python compare.py                                     # tiny world: codyra, lora, full x seeds 0, 1, 2
     python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
@@ -46,11 +47,23 @@ def mean_std(values):
     return f"{statistics.mean(values):5.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:3.1f}"
 
 
+def learned(acc):
+    """Mean accuracy on each task right after learning it: the diagonal (plasticity)."""
+    return statistics.mean(acc[t][t] for t in range(len(acc)))
+
+
+def forgetting(acc):
+    """Mean drop from right after learning a task to the end of the sequence (all but the last task)."""
+    return statistics.mean(acc[t][t] - acc[-1][t] for t in range(len(acc) - 1))
+
+
 print(f"\n{args.setting}: mean ± std over seeds {args.seeds} (accuracy %)")
-print(f"{'method':<8}{'Transfer':>14}{'Average':>14}{'Last':>14}{'mean rank kept':>18}")
+print(f"{'method':<8}" + "".join(f"{c:>14}" for c in ("Transfer", "Average", "Last", "learned", "forgetting"))
+      + f"{'mean rank kept':>18}")
 for method in methods:
     runs = [results[method, s] for s in seeds]
     cells = [mean_std([r["metrics"][m]["mean"] for r in runs]) for m in ("transfer", "average", "last")]
+    cells += [mean_std([fn(r["acc"]) for r in runs]) for fn in (learned, forgetting)]
     ranks = [a["ranks"]["mean"] for r in runs for a in r["analysis"] if a.get("ranks")]
     kept = f"{statistics.mean(ranks):.1f} of {runs[0]['args']['rank']}" if ranks else "-"
     print(f"{method:<8}" + "".join(f"{c:>14}" for c in cells) + f"{kept:>18}")
