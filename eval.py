@@ -233,10 +233,10 @@ def prepare_test_sets(tasks, resolution, cache_dir, workers):
 # shared by train.py and eval.py
 
 
-def load_model(name, setting, seed):
+def load_model(name, setting):
     """An OpenAI model name or weight file, a checkpoint of this project, or the tiny world's CLIP."""
     if setting == "tiny" and name in (None, "tiny"):
-        import tiny_world
+        import tiny_world  # one pretrained model whatever the run's seed, as CLIP's weights are one
         return tiny_world.pretrained_tiny_clip(seed=0)
     return clip_model.load(name or "ViT-B/16")
 
@@ -332,7 +332,7 @@ def main():
     try:
         tasks = data.load_tasks(args.setting, args.data_dir, shots=0, seed=args.seed,
                                 datasets=args.datasets, download=args.download)
-        model = load_model(args.model, args.setting, args.seed).to(device)
+        model = load_model(args.model, args.setting).to(device)
     except (data.DataError, clip_model.CLIPLoadError) as e:
         sys.exit(f"error: {e}")
     prepare_test_sets(tasks, model.visual.input_resolution, args.cache_dir, args.workers)

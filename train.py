@@ -86,8 +86,8 @@ try:
     # every dataset of the run is checked here, so a run never dies at task 9 after hours
     tasks = data.load_tasks(args.setting, args.data_dir, shots=args.shots, seed=args.seed,
                             datasets=args.datasets, download=args.download)
-    model = load_model(ckpt_path if args.resume else args.model, args.setting, args.seed)
-    original = load_model(args.model, args.setting, args.seed) if args.resume else model
+    model = load_model(ckpt_path if args.resume else args.model, args.setting)
+    original = load_model(args.model, args.setting) if args.resume else model
 except (data.DataError, clip_model.CLIPLoadError) as e:
     sys.exit(f"error: {e}")
 model = model.to(device)
