@@ -262,8 +262,11 @@ def pick_device(name):
     return device
 
 
-def add_common_args(p):
-    g = p.add_argument_group("data")
+def add_common_args(p, extra_groups=()):
+    """The flags of both scripts; returns the argument groups by title (extra_groups are made empty,
+    between model and system, for train.py to fill)."""
+    groups = {title: p.add_argument_group(title) for title in ("data", "model", *extra_groups, "system")}
+    g = groups["data"]
     g.add_argument("--setting", choices=["tiny", "mtil", "xtail"], default="tiny",
                    help="task sequence: the offline tiny world, MTIL (Table 2) or X-TAIL (Table 1)")
     g.add_argument("--data-dir", default="data", help="folder holding the datasets (see README)")
@@ -271,10 +274,10 @@ def add_common_args(p):
     g.add_argument("--download", action="store_true", help="download the datasets torchvision can fetch")
     g.add_argument("--eval-style", choices=["task-aware", "union"], help="each image among its own dataset's "
                    "classes (MTIL) or among all datasets' classes (X-TAIL); default: the setting's")
-    g = p.add_argument_group("model")
+    g = groups["model"]
     g.add_argument("--model", help="OpenAI model name (default ViT-B/16), OpenAI weight file, or a "
                                    "checkpoint.pt of this project; the tiny setting has its own")
-    g = p.add_argument_group("system")
+    g = groups["system"]
     g.add_argument("--out", default="out", help="output folder for results.json (and checkpoints)")
     g.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     g.add_argument("--seed", type=int, default=8, help="random seed (the released code's is 8)")
@@ -289,7 +292,7 @@ def add_common_args(p):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile both encoders; off by default: not shown to be faster including "
                         "its compile time (see bench.py --compile)")
-    return p
+    return groups
 
 
 def check_common_args(p, args):
@@ -306,7 +309,8 @@ def check_common_args(p, args):
 
 
 def main():
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p)
     g = p.add_argument_group("analysis")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print what changed from model A to model B "
                    "(model names, OpenAI weight files or checkpoints): drift, ||W_B - W_A||_F, amplification")

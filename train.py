@@ -26,10 +26,11 @@ from eval import (add_common_args, check_common_args, class_features, compile_en
 # -----------------------------------------------------------------------------
 # config
 
-p = add_common_args(argparse.ArgumentParser(description="Continual learning of CLIP with CoDyRA."))
-g = p.add_argument_group("data")
+p = argparse.ArgumentParser(description="Continual learning of CLIP with CoDyRA.")
+groups = add_common_args(p, extra_groups=("adapter", "optimisation"))
+g = groups["data"]
 g.add_argument("--shots", type=int, help="training images per class (default: the setting's, 5 MTIL, 16 X-TAIL)")
-g = p.add_argument_group("adapter")
+g = groups["adapter"]
 g.add_argument("--method", choices=["codyra", "lora", "full"], default="codyra",
                help="codyra: LoRA with proximal rank selection; lora: the same adapters without it; "
                     "full: full fine-tuning")
@@ -39,12 +40,12 @@ g.add_argument("--layers", default="q,k,v,out,c_fc,c_proj", help="comma-separate
 g.add_argument("--kappa-max", type=float, default=0.005, help="final soft-threshold tau (absolute units of g)")
 g.add_argument("--dense-ratio", type=float, help="fraction of iterations before thresholding starts "
                                                    "(default: the setting's, 0.7 MTIL, 0.5 X-TAIL)")
-g = p.add_argument_group("optimisation")
+g = groups["optimisation"]
 g.add_argument("--iterations", type=int, help="optimizer steps per task (default 500; the tiny world's own)")
 g.add_argument("--batch-size", type=int, help="images per step (default 64; the tiny world's own)")
 g.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 per task (default 5e-4, 1e-5 for full; the tiny world's own)")
 g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-g = p.add_argument_group("system")
+g = groups["system"]
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished task")
 g.add_argument("--plot", action="store_true", help="write PNG figures into --out after each task (needs matplotlib)")
 args = p.parse_args()
