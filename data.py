@@ -435,7 +435,8 @@ def load_tasks(setting, data_dir, shots=None, seed=0, datasets=None, download=Fa
     cfg = SETTINGS[setting]
     if setting == "tiny":  # generated in memory: nothing to find on disk
         import tiny_world
-        return tiny_world.tiny_tasks(cfg["shots"] if shots is None else shots, seed, domains=datasets)
+        # generated on demand, so it has no "full" train set: shots <= 0 means the setting's shots
+        return tiny_world.tiny_tasks(shots if shots and shots > 0 else cfg["shots"], seed, domains=datasets)
     layout = cfg["layout"]
     names = list(cfg["datasets"] if datasets is None else datasets)
     unknown = [n for n in names if n not in LAYOUTS[layout]]

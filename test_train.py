@@ -73,3 +73,13 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
     out = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume")
     assert out.returncode == 0, out.stderr
     assert json.loads((cut / "results.json").read_text())["acc"] == json.loads((whole / "results.json").read_text())["acc"]
+
+
+def test_eval_script_writes_one_row(tiny_weights, tmp_path):
+    """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--setting", "tiny", "--model", tiny_weights,
+                          "--workers", "0", "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["acc"]) == 1 and len(res["acc"][0]) == len(res["datasets"]) >= 5
