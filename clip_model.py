@@ -368,9 +368,9 @@ def _read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        # NOTE: torch's own message here is many lines about weights_only; its type says enough
         raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or it is "
-                            f"truncated ({reason[:100]}); pass a CLIP checkpoint, or delete it and download "
+                            f"truncated ({type(e).__name__}); pass a CLIP checkpoint, or delete it and download "
                             "it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
