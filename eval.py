@@ -34,7 +34,7 @@ import data
 def transfer(acc):
     """Zero-shot transfer: for each dataset j > 0, the mean of A[t, j] over the rows t < j."""
     per = [sum(row[j] for row in acc[:j]) / len(acc[:j]) for j in range(1, len(acc[0]))]
-    return sum(per) / len(per), [None] + per
+    return (sum(per) / len(per) if per else None), [None] + per  # one dataset: nothing to transfer to
 
 
 def average(acc):
@@ -126,14 +126,12 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=2):
     was_training = model.training
     model.eval()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
-    offsets = [sum(len(t.classnames) for t in tasks[:i]) for i in range(len(tasks))]
+    every_class = torch.cat(texts)  # (sum of C, E): the union label space
     row = []
-    for task, text, offset in zip(tasks, texts, offsets):
+    for task, text, offset in zip(tasks, texts, data.union_offsets(tasks)):
         img, labels = image_features(model, task.test, device, batch_size, workers)
-        if union:
-            pred = (img @ torch.cat(texts).T).argmax(-1) - offset
-        else:
-            pred = (img @ text.T).argmax(-1)
+        with torch.autocast(device.type, enabled=False):  # NOTE: bf16 scores would tie near classes
+            pred = (img @ every_class.T).argmax(-1) - offset if union else (img @ text.T).argmax(-1)
         row.append(100.0 * (pred == labels).float().mean().item())
     model.train(was_training)
     return row
@@ -350,7 +348,8 @@ def main():
     metrics = compute_metrics([row])
     print(format_row("", []) + "".join(f"{d[:6]:>7}" for d in names) + "   mean")
     print(format_row("accuracy", row + [metrics["average"]["mean"]]))
-    print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
+    if len(row) > 1:
+        print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
     write_json(results_path, {"setting": args.setting, "datasets": names, "acc": [row],
                               "metrics": metrics, "seconds": time.time() - start, "args": vars(args)})
     print(f"wrote {results_path}")

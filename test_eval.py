@@ -31,3 +31,9 @@ def test_metrics_of_a_single_row():
     """One evaluation (eval.py): Transfer is the mean of columns 2..T, Average and Last the row mean."""
     m = compute_metrics([[0.0, 10.0, 20.0]])
     assert m["transfer"]["mean"] == 15.0 and m["average"]["mean"] == 10.0 and m["last"]["mean"] == 10.0
+
+
+def test_metrics_of_a_single_dataset():
+    """A one-dataset run has no transfer column: Transfer is None, not a division by zero."""
+    m = compute_metrics([[42.0]])
+    assert m["transfer"]["mean"] is None and m["last"]["mean"] == 42.0

@@ -70,6 +70,8 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
     finished = len(json.loads((cut / "results.json").read_text())["acc"])
     total = len(json.loads((whole / "results.json").read_text())["acc"])
     assert 1 <= finished < total, "the run was not interrupted mid-sequence"
+    other = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume", "--seed", "9")
+    assert other.returncode == 2 and "--seed" in other.stderr, "resuming with another seed must be refused"
     out = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume")
     assert out.returncode == 0, out.stderr
     assert json.loads((cut / "results.json").read_text())["acc"] == json.loads((whole / "results.json").read_text())["acc"]

@@ -119,8 +119,9 @@ def batches(dataset, seed):
 def train_task(t, task, seen_text):
     """Learn one task (SPEC section 1). seen_text: (P, E) features of earlier tasks' classes."""
     torch.manual_seed(args.seed + 1000 * t)
-    before = analysis.weights(model, placement) if args.method == "full" else None
+    before = None
     if args.method == "full":
+        before = analysis.weights(model, placement)  # the update of this task is measured against it
         for name, param in model.named_parameters():
             param.requires_grad = name != "logit_scale"
     else:
@@ -177,6 +178,12 @@ def train_task(t, task, seen_text):
 results = {"setting": args.setting, "datasets": names, "acc": [], "analysis": [], "seconds": [], "args": vars(args)}
 if args.resume:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # a resumed run must be the same experiment; only how it runs may change
+    how = {"resume", "overwrite", "device", "workers", "cache_dir", "compile", "plot", "eval_batch_size"}
+    changed = [k for k, v in ckpt["results"]["args"].items() if k not in how and vars(args).get(k) != v]
+    if changed:
+        p.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run "
+                f"in {args.out}; pass the same values, or start a new run with another --out")
     results.update(acc=ckpt["results"]["acc"], analysis=ckpt["results"]["analysis"],
                    seconds=ckpt["results"]["seconds"])
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
