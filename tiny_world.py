@@ -26,7 +26,7 @@ import clip_model
 from data import ImageSet, Task
 
 # -----------------------------------------------------------------------------
-# tiny world: image generator (self-contained; moves into data.py)
+# tiny world: image generator
 
 RES = 32   # image side in pixels
 SS = 2     # supersampling factor per side: every mask is drawn at RES*SS and averaged (anti-aliasing)
