@@ -215,6 +215,19 @@ def gate_survival(g_init, g_final, edges=GATE_EDGES):
             "mean_init_kept": mean(init[kept]), "mean_init_pruned": mean(init[~kept])}
 
 
+def _update_summary(upd):
+    """||dW||_F per module (as grids) and over all modules, from updates()/weight_update() results."""
+    return {"grid": grid({n: _num(u["norm"]) for n, u in upd.items()}),
+            "total": _num(_frob(u["norm"] for u in upd.values()))}
+
+
+def _amplification_summary(upd):
+    """Amplification per module (as grids) and pooled over all modules (block-diagonal, see top)."""
+    proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
+    pooled = _frob(u["norm"] for u in upd.values()) / _frob(proj) if proj else None
+    return {"grid": grid({n: _num(u["amp"]) for n, u in upd.items()}), "pooled": _num(pooled)}
+
+
 def task_report(model, g_init, pretrained, before=None):
     """Everything of one task, JSON-ready; call it before codyra.merge. g_init: gates() right after
     inject; pretrained: weights() of the pretrained model; before: weights() at the task's start,
@@ -223,7 +236,6 @@ def task_report(model, g_init, pretrained, before=None):
     g_final = gates(model)
     upd = updates(model, before)
     norms = {n: u["norm"] for n, u in upd.items()}
-    proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
     by_type = {e: {t: sum(x[i] for x in rows if x[i] is not None) for i, t in enumerate(TYPES)}
                for e, rows in grid(ranks).items()}
     return {
@@ -231,10 +243,8 @@ def task_report(model, g_init, pretrained, before=None):
                             "mean": _num(sum(ranks.values()) / len(ranks)),
                             "of": max(len(m.lora_g) for _, m in codyra._adapters(model))},
         "gates": gate_survival(g_init, g_final),
-        "update": {"grid": grid({n: _num(x) for n, x in norms.items()}), "total": _num(_frob(norms.values())),
-                   "mean": _num(sum(norms.values()) / max(len(norms), 1))},
-        "amplification": {"grid": grid({n: _num(u["amp"]) for n, u in upd.items()}),
-                          "pooled": _num(_frob(norms.values()) / _frob(proj) if proj else None)},
+        "update": {**_update_summary(upd), "mean": _num(sum(norms.values()) / max(len(norms), 1))},
+        "amplification": _amplification_summary(upd),
         "drift": summarize_drift(drift(pretrained, model)),
     }
 
@@ -248,13 +258,10 @@ def compare(model_a, model_b, r=None, where=None):
     if {n: w.shape for n, w in wa.items()} != {n: w.shape for n, w in wb.items()}:
         raise ValueError("the two models have different architectures")
     upd = {n: weight_update(wa[n], wb[n].to(wa[n].device), r) for n in wa}
-    norms = {n: u["norm"] for n, u in upd.items()}
-    proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
-    return {"update": {"grid": grid({n: _num(x) for n, x in norms.items()}), "total": _num(_frob(norms.values()))},
+    return {"update": _update_summary(upd),
             "rank": {"grid": grid({n: u["rank"] for n, u in upd.items()}), "r": r},
-            "amplification": {"grid": grid({n: _num(u["amp"]) for n, u in upd.items()}),
-                              "pooled": _num(_frob(norms.values()) / _frob(proj) if proj else None)},
-            "drift": summarize_drift({n: (norms[n], float(wa[n].norm())) for n in wa})}
+            "amplification": _amplification_summary(upd),
+            "drift": summarize_drift({n: (upd[n]["norm"], float(wa[n].norm())) for n in wa})}
 
 
 # -----------------------------------------------------------------------------

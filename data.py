@@ -153,6 +153,16 @@ def _images_in(folder):
     return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
 
 
+def _class_folders(root, classes):
+    """(paths, labels) of the images in root/<class>/, label = the class's index in `classes`."""
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        files = _images_in(root / c)
+        paths += [str(root / c / f) for f in files]
+        labels += [label] * len(files)
+    return paths, labels
+
+
 def _split_in_order(paths, labels):
     train, test = split_80_20(len(paths))
     full = ImageSet(paths, labels)
@@ -185,12 +195,7 @@ def _caltech101(folder):
     names = dict(zip(ASSETS["mtil"]["caltech101"]["folders"], ASSETS["mtil"]["caltech101"]["classnames"]))
     root = folder / "101_ObjectCategories"
     cats = sorted(c for c in os.listdir(root) if c != "BACKGROUND_Google" and (root / c).is_dir())
-    paths, labels = [], []
-    for label, c in enumerate(cats):
-        files = _images_in(root / c)
-        paths += [str(root / c / f) for f in files]
-        labels += [label] * len(files)
-    return [names[c] for c in cats], *_split_in_order(paths, labels)
+    return [names[c] for c in cats], *_split_in_order(*_class_folders(root, cats))
 
 
 def _cifar100(folder):
@@ -221,12 +226,7 @@ def _eurosat(folder):
     names = dict(zip(ASSETS["mtil"]["eurosat"]["folders"], ASSETS["mtil"]["eurosat"]["classnames"]))
     root = folder / "2750"
     classes = sorted(c for c in os.listdir(root) if (root / c).is_dir())
-    paths, labels = [], []
-    for label, c in enumerate(classes):
-        files = _images_in(root / c)
-        paths += [str(root / c / f) for f in files]
-        labels += [label] * len(files)
-    return [names[c] for c in classes], *_split_in_order(paths, labels)
+    return [names[c] for c in classes], *_split_in_order(*_class_folders(root, classes))
 
 
 def _flowers(folder):

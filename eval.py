@@ -59,9 +59,13 @@ def format_row(label, values, width=7):
     return f"{label:<10}{cells}"
 
 
+def format_header(datasets, label=""):
+    return f"{label:<10}" + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"
+
+
 def format_matrix(acc, datasets):
     """The accuracy matrix so far, one row per finished task, with each row's mean."""
-    lines = [format_row("after", []) + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"]
+    lines = [format_header(datasets, "after")]
     for t, row in enumerate(acc):
         lines.append(format_row(datasets[t][:9], row + [sum(row) / len(row)]))
     return "\n".join(lines)
@@ -69,7 +73,7 @@ def format_matrix(acc, datasets):
 
 def format_table(metrics, datasets):
     """The paper's table: Transfer, Average and Last rows, one column per dataset, plus the mean."""
-    lines = [format_row("", []) + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"]
+    lines = [format_header(datasets)]
     for name in ("transfer", "average", "last"):
         m = metrics[name]
         lines.append(format_row(name.capitalize(), m["per_dataset"] + [m["mean"]]))
@@ -346,7 +350,7 @@ def main():
         row = evaluate(model, tasks, union, device, args.eval_batch_size, args.workers)
     names = [t.name for t in tasks]
     metrics = compute_metrics([row])
-    print(format_row("", []) + "".join(f"{d[:6]:>7}" for d in names) + "   mean")
+    print(format_header(names))
     print(format_row("accuracy", row + [metrics["average"]["mean"]]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
