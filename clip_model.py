@@ -1,17 +1,17 @@
 """CLIP with a ViT image encoder, written from scratch so that every weight an adapter may wrap
 is a plain nn.Linear; it loads OpenAI's checkpoints, and its tokenizer gives OpenAI's ids.
 
-Reads bottom-up: tokenizer, preprocessing, leaf modules, CLIP, then building and loading.
+Reads bottom-up: tokenizer, preprocessing, leaf modules, CLIP and its loss, then loading.
 Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T tokens per sequence
 (G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size.
 """
+import contextlib
 import functools
 import gzip
 import hashlib
 import html
 import http.client
 import os
-import tempfile
 import urllib.request
 import warnings
 
@@ -36,31 +36,34 @@ def bytes_to_unicode():
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
-    return dict(zip(printable + others, [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    return dict(zip(printable + others, chars))
 
 
 class Tokenizer:
-    """Text -> BPE ids: clean, split into words, map bytes to characters, merge lowest-rank pairs first."""
+    """Text -> BPE ids: clean, split into words, map bytes to characters, merge lowest-rank
+    pairs first."""
     SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
     def __init__(self, bpe_path=BPE_PATH):
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a header
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 0: a header
         chars = list(bytes_to_unicode().values())
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [self.SOT, self.EOT]
+        vocab = (chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+                 + [self.SOT, self.EOT])
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.sot, self.eot = self.encoder[self.SOT], self.encoder[self.EOT]
-        self.cache = {self.SOT: [self.sot], self.EOT: [self.eot]}  # word -> ids; prompts repeat words a lot
+        self.cache = {self.SOT: [self.sot], self.EOT: [self.eot]}  # word -> ids; words repeat
         # words, each digit alone, runs of punctuation; the special tokens stay whole
         self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                      r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
     @staticmethod
     def clean(text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))  # twice: some captions are escaped twice
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))  # some are escaped twice
         return regex.sub(r"\s+", " ", text).strip().lower()
 
     def bpe(self, word):
@@ -68,11 +71,11 @@ class Tokenizer:
         if word not in self.cache:
             parts = list(word[:-1]) + [word[-1] + "</w>"]
             while len(parts) > 1:
-                best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+                best = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, float("inf")))
                 if best not in self.ranks:
                     break
                 merged, i = [], 0
-                while i < len(parts):  # merge every occurrence of `best`, left to right, never overlapping
+                while i < len(parts):  # every occurrence of `best`, left to right, no overlap
                     if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
                         merged.append(parts[i] + parts[i + 1])
                         i += 2
@@ -103,8 +106,8 @@ def tokenize(texts, context_length=77, truncate=False):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(f"{text[:40]!r}... is {len(ids)} tokens, more than the context length "
-                                 f"{context_length}; shorten it or pass truncate=True")
+                raise ValueError(f"{text[:40]!r}... is {len(ids)} tokens, more than the context "
+                                 f"length {context_length}; shorten it or pass truncate=True")
             ids = ids[:context_length - 1] + [tok.eot]
         out[n, :len(ids)] = torch.tensor(ids)
     return out
@@ -121,12 +124,22 @@ def _to_rgb(image):  # a module-level function, not a lambda, so DataLoader work
     return image.convert("RGB")
 
 
-def transform(train, resolution=224):
-    """PIL image -> (3, R, R) tensor. Train: the released code's random crop of 90-100% of the area."""
+def preprocess(train, resolution=224):
+    """PIL image -> (3, R, R) uint8: resize and crop on the CPU, where the file was decoded.
+    Train: the released code's random crop of 90-100% of the area. `normalize` finishes the job
+    on the model's device (a uint8 batch is a quarter of the bytes to copy there)."""
     bicubic = transforms.InterpolationMode.BICUBIC
-    crop = ([transforms.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)] if train else
-            [transforms.Resize(resolution, interpolation=bicubic), transforms.CenterCrop(resolution)])
-    return transforms.Compose(crop + [_to_rgb, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    crop = ([transforms.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)]
+            if train else [transforms.Resize(resolution, interpolation=bicubic),
+                           transforms.CenterCrop(resolution)])
+    return transforms.Compose(crop + [_to_rgb, transforms.PILToTensor()])
+
+
+def normalize(images):
+    """(B, 3, R, R) uint8 -> float: the arithmetic of torchvision's ToTensor + Normalize."""
+    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    return images.float().div(255).sub(mean).div(std)
 
 # -----------------------------------------------------------------------------
 # model: leaf modules first
@@ -136,8 +149,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype (OpenAI's CLIP does the same)."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            self.bias.float(), self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -148,13 +161,14 @@ class Attention(nn.Module):
     def __init__(self, width, heads, causal):
         super().__init__()
         self.heads, self.causal = heads, causal
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width)
+                                                                for _ in range(4))
 
     def forward(self, x):  # (B, T, D)
         B, T, D = x.shape
         q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh), scale Dh^-0.5
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh)
         return self.out_proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
@@ -165,7 +179,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         x = self.c_fc(x)
-        return self.c_proj(x * torch.sigmoid(1.702 * x))  # QuickGELU: what OpenAI's weights were trained with
+        return self.c_proj(x * torch.sigmoid(1.702 * x))  # QuickGELU, as OpenAI's weights need
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -182,7 +196,8 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, causal=False):
         super().__init__()
-        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal) for _ in range(layers)))
+        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal)
+                                         for _ in range(layers)))
 
     def forward(self, x):  # (B, T, D)
         return self.resblocks(x)
@@ -212,13 +227,15 @@ class VisionTransformer(nn.Module):
 
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_heads,
+                 transformer_layers):
         super().__init__()
         self.context_length = context_length
         # OpenAI's convention is 64-wide heads; tiny test models narrower than that get one head
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        max(1, vision_width // 64), embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                        vision_layers, max(1, vision_width // 64), embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -235,13 +252,14 @@ class CLIP(nn.Module):
             for block in tower.resblocks:
                 width = block.ln_1.weight.shape[0]
                 proj_std = width ** -0.5 * (2 * len(tower.resblocks)) ** -0.5
-                for linear, std in [(block.attn.q_proj, width ** -0.5), (block.attn.k_proj, width ** -0.5),
-                                    (block.attn.v_proj, width ** -0.5), (block.attn.out_proj, proj_std),
-                                    (block.mlp.c_fc, (2 * width) ** -0.5), (block.mlp.c_proj, proj_std)]:
+                attn, mlp = block.attn, block.mlp
+                for linear, std in [(attn.q_proj, width ** -0.5), (attn.k_proj, width ** -0.5),
+                                    (attn.v_proj, width ** -0.5), (attn.out_proj, proj_std),
+                                    (mlp.c_fc, (2 * width) ** -0.5), (mlp.c_proj, proj_std)]:
                     nn.init.normal_(linear.weight, std=std)
                     nn.init.zeros_(linear.bias)
 
-    def encode_image(self, images):  # (B, 3, R, R) -> (B, E)
+    def encode_image(self, images):  # (B, 3, R, R) normalised -> (B, E)
         return self.visual(images)
 
     def encode_text(self, tokens):  # (N, L) -> (N, E)
@@ -258,66 +276,97 @@ class CLIP(nn.Module):
         text_features = F.normalize(self.encode_text(tokens), dim=-1)  # (N, E)
         return self.logit_scale.exp() * image_features @ text_features.T
 
+
+def contrastive_loss(img, txt, labels, scale, earlier=None):
+    """The released code's training loss, ce_i + ce_t. img (B, E) and txt (C, E) normalised
+    features of a batch and of the current task's class prompts, labels (B,) in 0..C-1.
+    ce_i: each image against the current classes. ce_t: each class prompt, the earlier tasks'
+    (P, E) first, against the images; an image of its class is a target (unnormalised
+    probabilities), a class absent from the batch has none but still counts in the mean."""
+    earlier = txt[:0] if earlier is None else earlier
+    ce_i = F.cross_entropy(scale * img @ txt.T, labels)                # image -> current classes
+    classes = torch.cat([earlier, txt])                                # (P + C, E)
+    targets = F.one_hot(labels + len(earlier), len(classes)).T.float()  # (P + C, B)
+    return ce_i + F.cross_entropy(scale * classes @ img.T, targets)    # + class -> its images
+
 # -----------------------------------------------------------------------------
-# building from a state dict, and loading OpenAI's weights
+# named configurations, building from a state dict, loading OpenAI's weights
+
+
+CONFIGS = {  # ViT-B/16: 149,620,737 parameters; tiny: the tiny world's CLIP, 32 px images
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, context_length=77, vocab_size=49408,
+                     transformer_width=512, transformer_heads=8, transformer_layers=12),
+    # widths are multiples of 64: build_model infers heads = width / 64, so a saved one reloads
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128,
+                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=128,
+                 transformer_heads=2, transformer_layers=3),
+}
+_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}.pt"  # {sha256 of the file}/{name}
+MODELS = {
+    "ViT-B/32": _URL.format("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+                            "ViT-B-32"),
+    "ViT-B/16": _URL.format("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+                            "ViT-B-16"),
+    "ViT-L/14": _URL.format("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+                            "ViT-L-14"),
+    "ViT-L/14@336px": _URL.format(
+        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px"),
+}
 
 
 class CLIPLoadError(Exception):
     """Weights could not be loaded; the message is one line that says what to do."""
 
 
-MODELS = {  # the URL's second-last segment is the file's sha256
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-}
-SHAPE_KEYS = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
-              "positional_embedding", "token_embedding.weight", "ln_final.weight"]
-
-
-def _count_blocks(state_dict, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+def _count_blocks(sd, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
 def build_model(state_dict):
-    """A CLIP whose sizes are read off the shapes of an OpenAI state dict (packed attention) or of
-    this project's own (q/k/v split), holding those weights. Heads are width / 64, as OpenAI's."""
-    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    """A CLIP whose sizes are read off the shapes of an OpenAI state dict (packed attention) or
+    of this project's own (q/k/v split), holding those weights. Heads are width / 64."""
+    sd = {k: v for k, v in state_dict.items()
+          if k not in ("input_resolution", "context_length", "vocab_size")}
     if any(k.startswith("visual.layer1.") for k in sd):
-        raise CLIPLoadError("this is a ResNet CLIP checkpoint; only ViT models are supported "
-                            f"({', '.join(MODELS)}): pass one of those")
-    missing = [k for k in SHAPE_KEYS if k not in sd]
-    if missing:
-        raise CLIPLoadError(f"not a CLIP ViT state dict: missing {', '.join(missing[:3])}"
-                            f"{' and more' if len(missing) > 3 else ''}; pass an OpenAI CLIP ViT checkpoint "
-                            "or one saved by this project")
+        raise CLIPLoadError("this is a ResNet CLIP checkpoint; only ViT models are supported: "
+                            f"pass one of {', '.join(MODELS)}")
     for key in [k for k in sd if ".attn.in_proj_" in k]:  # OpenAI packs rows [q; k; v]
         prefix, kind = key.split(".in_proj_")
         for name, part in zip(("q_proj", "k_proj", "v_proj"), sd.pop(key).chunk(3)):
             sd[f"{prefix}.{name}.{kind}"] = part
-    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
-                 vision_layers=_count_blocks(sd, "visual.transformer.resblocks."), vision_width=vision_width,
-                 vision_patch_size=patch, context_length=sd["positional_embedding"].shape[0],
-                 vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
-                 transformer_heads=max(1, text_width // 64),
-                 transformer_layers=_count_blocks(sd, "transformer.resblocks."))
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # a size mismatch
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise CLIPLoadError(f"the checkpoint's shapes do not fit a CLIP ViT ({detail}); "
-                            "pass an unmodified checkpoint")
-    if missing or unexpected:
-        keys = missing or unexpected
-        names = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        raise CLIPLoadError(f"the checkpoint has {len(missing)} missing and {len(unexpected)} unexpected keys "
-                            f"({'missing' if missing else 'unexpected'}: {names}); "
-                            "pass an unmodified OpenAI CLIP ViT checkpoint or one saved by this project")
+        vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        text_width = sd["ln_final.weight"].shape[0]
+        model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
+                     vision_layers=_count_blocks(sd, "visual.transformer.resblocks."),
+                     vision_width=vision_width, vision_patch_size=patch,
+                     context_length=sd["positional_embedding"].shape[0],
+                     vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
+                     transformer_heads=max(1, text_width // 64),
+                     transformer_layers=_count_blocks(sd, "transformer.resblocks."))
+        model.load_state_dict(sd)
+    except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a size mismatch
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        detail = f"missing key {e}" if isinstance(e, KeyError) else next(
+            (ln for ln in lines if "size mismatch" in ln or "key(s)" in ln), lines[0])
+        raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass an unmodified "
+                            "OpenAI CLIP ViT checkpoint or one saved by this project") from None
     return model
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yield a temporary name beside `path`, renamed to `path` only when the block finishes: an
+    interrupted write never leaves a half-written file, and the old one stays until then."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _sha256(path):
@@ -329,38 +378,32 @@ def _sha256(path):
 
 
 def _download(url, root):
-    """The verified file in `root`, downloaded first if absent or corrupt. The download goes to a
-    temporary file in the same folder, renamed only once its sha256 is right."""
+    """The verified file in `root`, downloaded first if absent or corrupt."""
     expected, path = url.split("/")[-2], os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and _sha256(path) == expected:
         return path
     os.makedirs(root, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=os.path.basename(url) + ".", suffix=".part")
     try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                h.update(chunk)
-        if h.hexdigest() != expected:
-            raise CLIPLoadError(f"{url} downloaded with sha256 {h.hexdigest()[:12]}..., expected "
-                                f"{expected[:12]}...; try again, or download it by hand to {path}")
-        os.replace(tmp, path)
-        return path
-    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a cut connection, a full disk
+        with atomic(path) as tmp:
+            with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+            if _sha256(tmp) != expected:
+                raise CLIPLoadError(f"{url} downloaded with sha256 {_sha256(tmp)[:12]}..., "
+                                    f"expected {expected[:12]}...; try again, or download it by "
+                                    f"hand to {path}")
+    except (OSError, http.client.HTTPException) as e:  # offline, timeouts, a cut, a full disk
         reason = str(getattr(e, "reason", e)).replace("\n", " ")
-        raise CLIPLoadError(f"could not download {url} ({reason}); connect to the internet and retry, "
-                            f"or download it by hand to {path}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        raise CLIPLoadError(f"could not download {url} ({reason}); connect to the internet and "
+                            f"retry, or download it by hand to {path}") from None
+    return path
 
 
 def _read_state_dict(path):
-    """The state dict in a TorchScript archive (OpenAI's format), a state-dict file, or a checkpoint
-    of this project ({"model": state_dict, ...})."""
+    """The state dict in a TorchScript archive (OpenAI's format), a state-dict file, or a
+    checkpoint of this project ({"model": state_dict, ...})."""
     try:
-        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript, but OpenAI's files are TorchScript
+        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript; OpenAI's files are it
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive: try a plain file below
@@ -369,13 +412,14 @@ def _read_state_dict(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # NOTE: torch's own message here is many lines about weights_only; its type says enough
-        raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or it is "
-                            f"truncated ({type(e).__name__}); pass a CLIP checkpoint, or delete it and download "
-                            "it again") from None
+        raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or "
+                            f"it is truncated ({type(e).__name__}); pass a CLIP checkpoint, or "
+                            "delete it and download it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CLIPLoadError(f"{path} holds no state dict (a dict of tensors); pass a CLIP checkpoint")
+        raise CLIPLoadError(f"{path} holds no state dict (a dict of tensors); "
+                            "pass a CLIP checkpoint")
     return obj
 
 
@@ -388,7 +432,7 @@ def load(name_or_path, device="cpu", download_root=None):
     elif os.path.isfile(name_or_path):
         path = name_or_path
     else:
-        raise CLIPLoadError(f"{name_or_path!r} is neither a model name ({', '.join(MODELS)}) nor a file; "
-                            "pass one of those names or the path of a CLIP weight file")
+        raise CLIPLoadError(f"{name_or_path!r} is neither a model name ({', '.join(MODELS)}) nor "
+                            "a file; pass one of those names or the path of a CLIP weight file")
     # NOTE: OpenAI's files hold fp16 weights; Adam on fp16 weights gives NaN, hence fp32
     return build_model(_read_state_dict(path)).float().to(device).eval()

@@ -2,38 +2,31 @@
 
 For every adapted linear layer with frozen weight W0 (d_out, d_in):
 
-    W = W0 + B diag(g) A          A (r, d_in), B (d_out, r), g (r,) the importance of each rank   [Eq. 2]
-    minimise L_sup + lambda * sum_m ||g_m||_1 over the adapted layers m                            [Eq. 3]
-    after every optimizer step:  g <- S_tau(g)                                                     [Eq. 4-6]
-    S_tau(x) = sign(x) * max(|x| - tau, 0)                                                         [Eq. 7]
+    W = W0 + B diag(g) A       A (r, d_in), B (d_out, r), g (r,) the importance of each rank [Eq. 2]
+    minimise L_sup + lambda * sum_m ||g_m||_1 over the adapted layers m                   [Eq. 3]
+    after every optimizer step:  g <- S_tau(g)                                             [Eq. 4-6]
+    S_tau(x) = sign(x) * max(|x| - tau, 0)                                                 [Eq. 7]
 
 The L1 term is never added to the loss: the proximal step (soft-thresholding g) is what makes g
-sparse. tau is 0 during a dense phase and then rises to kappa_max (`threshold_schedule`). After a
+sparse. tau is 0 during a dense phase, then rises to kappa_max (`threshold_schedule`). After a
 task, `merge` drops the ranks whose g is zero, folds W0 <- W0 + B diag(g) A and puts the plain
-nn.Linear back; the next task injects fresh adapters. No alpha/r scaling is used.
-A ~ kaiming_uniform(a=sqrt(5)), B = 0, g ~ N(0, 1), as in the authors' released code.
+nn.Linear back; the next task injects fresh adapters. No alpha/r scaling. A ~ kaiming_uniform
+(a=sqrt(5)), B = 0, g ~ N(0, 1), as in the authors' released code. Without `proximal_step` the
+same layer is the plain LoRA baseline (g is then a learned per-rank scale).
 
-Threshold operator: this file implements the true S_tau of Eq. 7. The released code instead runs
-three masked in-place updates in sequence (g[g > tau] -= tau; g[g < -tau] += tau;
-g[|g| < tau] = 0), so a value in (tau, 2 tau) is first shrunk below tau and then zeroed: it
-zeroes every |g| < 2 tau (and leaves |g| == tau untouched).
+Threshold operator: the true S_tau of Eq. 7. The released code runs three masked in-place
+updates in sequence (g[g > tau] -= tau; g[g < -tau] += tau; g[|g| < tau] = 0), which zeroes
+every |g| < 2 tau. Recipe (one task):
 
-The plain LoRA baseline is the same layer without `proximal_step`: g stays dense and acts as a
-learned per-rank scale, and `merge` folds all r ranks.
-
-Recipe (one task):
-
-    inject(model, rank=16, where=clip_placement())        # fresh adapters, everything else frozen
+    inject(model, rank=16, where=clip_placement())     # fresh adapters, everything else frozen
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     for it in range(iterations):
         ...; loss.backward(); opt.step(); opt.zero_grad()
         proximal_step(model, threshold_schedule(it, iterations, dense_ratio, kappa_max))
-    merge(model)                                          # same architecture as before inject
+    merge(model)                                       # same architecture as before inject
 
-NOTE: an adapter only acts if its module's forward() runs. nn.MultiheadAttention (torchvision's
-ViT, nn.Transformer) reads out_proj.weight directly, so `inject` refuses to wrap that out_proj:
-exclude it with `where`. Other modules that read a Linear's .weight directly fail with an
-AttributeError, since CoDyRALinear has no .weight of its own.
+NOTE: an adapter only acts if its module's forward() runs. nn.MultiheadAttention reads
+out_proj.weight directly, so `inject` refuses to wrap that out_proj: exclude it with `where`.
 """
 import math
 import re
@@ -47,9 +40,8 @@ import torch.nn.functional as F
 
 
 class CoDyRALinear(nn.Module):
-    """A frozen nn.Linear plus B diag(g) A (Eq. 2). Adapter parameters share the `lora_` prefix, so
-    the adapter-only state dict is {k: v for k, v in model.state_dict().items() if 'lora_' in k}.
-    Without `proximal_step` this is the plain LoRA baseline (g then is a learned per-rank scale)."""
+    """A frozen nn.Linear plus B diag(g) A (Eq. 2). Adapter parameters share the `lora_` prefix,
+    so the adapter-only state dict is {k: v for k, v in sd.items() if "lora_" in k}."""
 
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()
@@ -69,7 +61,7 @@ class CoDyRALinear(nn.Module):
         return f"rank={self.lora_g.numel()}"
 
 
-def _adapters(model):
+def adapters(model):
     """(name, CoDyRALinear) pairs of a model, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CoDyRALinear)]
 
@@ -81,40 +73,53 @@ def inject(model, rank, where=None):
     """Wrap every nn.Linear whose qualified name satisfies where(name) (None: every nn.Linear) in a
     CoDyRALinear of this rank and freeze every other parameter. The root module itself is never
     wrapped. Returns the model, changed in place."""
-    if _adapters(model):
-        raise RuntimeError("model already has CoDyRA adapters; merge(model) before injecting new ones")
+    if adapters(model):
+        raise RuntimeError("model already has adapters; merge(model) before injecting new ones")
     targets = [(n, m) for n, m in model.named_modules()
                if n and isinstance(m, nn.Linear) and (where is None or where(n))]
     parents = [model.get_submodule(n.rpartition(".")[0]) for n, _ in targets]
     for (name, _), parent in zip(targets, parents):
         if isinstance(parent, nn.MultiheadAttention):  # checked before anything is wrapped
-            raise ValueError(f"{name}: nn.MultiheadAttention reads this weight directly, bypassing "
-                             "forward(), so an adapter there would never run; exclude it with `where`")
+            raise ValueError(f"{name}: nn.MultiheadAttention reads this weight directly, so an "
+                             "adapter there would never run; exclude it with `where`")
     for (name, linear), parent in zip(targets, parents):
         setattr(parent, name.rpartition(".")[2], CoDyRALinear(linear, rank))
     model.requires_grad_(False)
-    for _, m in _adapters(model):
+    for _, m in adapters(model):
         for p in (m.lora_A, m.lora_B, m.lora_g):
             p.requires_grad_(True)
     return model
 
 
-CLIP_LAYERS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "out": "attn.out_proj",
-               "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}
+CLIP_LAYERS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj",
+               "out": "attn.out_proj", "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}
 CLIP_ENCODERS = {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}
+_CLIP_NAME = re.compile(rf"({'|'.join(map(re.escape, CLIP_ENCODERS.values()))})\.(\d+)\."
+                        rf"({'|'.join(map(re.escape, CLIP_LAYERS.values()))})")
+
+
+def clip_site(name):
+    """(encoder, block, layer type) of a clip_model.CLIP linear's qualified name, for example
+    ("vision", 3, "c_fc"); None for any other name."""
+    m = _CLIP_NAME.fullmatch(name)
+    key = {v: k for k, v in {**CLIP_ENCODERS, **CLIP_LAYERS}.items()}  # module path -> short name
+    return (key[m[1]], int(m[2]), key[m[3]]) if m else None
 
 
 def clip_placement(encoders="both", layers=tuple(CLIP_LAYERS)):
-    """A `where` predicate for clip_model.CLIP's module names. encoders: "vision", "text" or "both";
-    layers: any non-empty subset of CLIP_LAYERS (the paper's default is all six, both encoders)."""
+    """A `where` predicate for clip_model.CLIP's module names. encoders: "vision", "text" or
+    "both"; layers: a non-empty subset of CLIP_LAYERS (the paper's default: all six, both)."""
     if encoders not in ("vision", "text", "both"):
         raise ValueError(f"encoders must be 'vision', 'text' or 'both', got {encoders!r}")
-    unknown = [x for x in layers if x not in CLIP_LAYERS]
-    if unknown or not layers:
-        raise ValueError(f"layers must be a non-empty subset of {', '.join(CLIP_LAYERS)}; got {list(layers)}")
-    blocks = "|".join(re.escape(p) for e, p in CLIP_ENCODERS.items() if encoders in (e, "both"))
-    pattern = re.compile(rf"({blocks})\.\d+\.({'|'.join(re.escape(CLIP_LAYERS[x]) for x in layers)})")
-    return lambda name: pattern.fullmatch(name) is not None
+    if not layers or any(x not in CLIP_LAYERS for x in layers):
+        raise ValueError(f"layers must be a non-empty subset of {', '.join(CLIP_LAYERS)}; "
+                         f"got {list(layers)}")
+    chosen = CLIP_ENCODERS if encoders == "both" else (encoders,)
+
+    def where(name):
+        site = clip_site(name)
+        return site is not None and site[0] in chosen and site[2] in layers
+    return where
 
 # -----------------------------------------------------------------------------
 # rank selection: the proximal step (Eq. 4-7) and its threshold schedule
@@ -126,13 +131,11 @@ def soft_threshold(x, tau):
 
 
 def threshold_schedule(iteration, iterations, dense_ratio, kappa_max, levels=50):
-    """tau to apply after optimizer step `iteration` (0-based) of a task, as in the released code:
-    0 through the dense phase, iterations 0 .. dense = dense_ratio * iterations inclusive (the
-    released code thresholds only when iteration > dense); then the `levels` values of
-    np.linspace(0, kappa_max, levels), moving up one at every multiple of
-    (iterations - dense) // levels from `dense` on; then kappa_max. tau is absolute: it is not
-    multiplied by the learning rate. The values equal the released code's whenever
-    dense_ratio * iterations is a whole number (it compares floats)."""
+    """tau to apply after optimizer step `iteration` (0-based), as in the released code: 0 for
+    iterations 0 .. dense = dense_ratio * iterations inclusive; then the `levels` values of
+    linspace(0, kappa_max, levels), one up at every multiple of (iterations - dense) // levels
+    from `dense` on; then kappa_max. Absolute: not multiplied by the learning rate. Equal to the
+    released code's values whenever dense_ratio * iterations is whole (it compares floats)."""
     dense = round(dense_ratio * iterations)
     if iteration <= dense:
         return 0.0
@@ -147,14 +150,14 @@ def threshold_schedule(iteration, iterations, dense_ratio, kappa_max, levels=50)
 
 @torch.no_grad()
 def proximal_step(model, tau):
-    """g <- S_tau(g) in place for every adapter of the model; call it right after optimizer.step()."""
-    for _, m in _adapters(model):
+    """g <- S_tau(g) in place for every adapter of the model, right after optimizer.step()."""
+    for _, m in adapters(model):
         m.lora_g.copy_(soft_threshold(m.lora_g, tau))
 
 
 def rank_stats(model):
     """{module name: number of active ranks (g != 0)} for every adapter of the model."""
-    return {n: int(torch.count_nonzero(m.lora_g)) for n, m in _adapters(model)}
+    return {n: int(torch.count_nonzero(m.lora_g)) for n, m in adapters(model)}
 
 # -----------------------------------------------------------------------------
 # merge: back to the original architecture
@@ -168,8 +171,8 @@ def merge(model):
     adapters is left as it is). requires_grad is not touched: what inject froze stays frozen.
     Returns the model, changed in place."""
     if isinstance(model, CoDyRALinear):
-        raise TypeError("merge needs the module that holds the CoDyRALinear, to put the nn.Linear back")
-    for name, m in _adapters(model):
+        raise TypeError("merge needs the module holding the CoDyRALinear, to put the Linear back")
+    for name, m in adapters(model):
         keep = m.lora_g != 0
         m.base.weight += (m.lora_B[:, keep] * m.lora_g[keep]) @ m.lora_A[keep]  # (d_out, d_in)
         parent_name, _, child = name.rpartition(".")

@@ -1,8 +1,8 @@
 """Run train.py for several methods and seeds on one setting and print one table: mean and
-standard deviation of Transfer, Average, Last, accuracy right after learning each task and
-forgetting since, and the ranks CoDyRA kept.
+standard deviation of Transfer, Average, Last, the accuracy right after learning each task and
+the forgetting since, and the ranks CoDyRA kept.
 
-    python compare.py                                     # tiny world: codyra, lora, full x seeds 0, 1, 2
+    python compare.py                                  # tiny world: codyra, lora, full x seeds 0-2
     python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
 
 Each run is an ordinary train.py run in --out/<method>-seed<seed>; a finished one is read, not
@@ -16,10 +16,11 @@ import statistics
 import subprocess
 import sys
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p = argparse.ArgumentParser(description="Run train.py for several methods and seeds, and print "
+                                        "the mean and standard deviation of every metric.")
 p.add_argument("--setting", default="tiny", help="setting passed to train.py")
 p.add_argument("--data-dir", default="data", help="dataset folder passed to train.py")
-p.add_argument("--methods", default="codyra,lora,full", help="comma-separated train.py --method values")
+p.add_argument("--methods", default="codyra,lora,full", help="comma-separated train.py methods")
 p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 p.add_argument("--out", default="runs/compare", help="folder holding one subfolder per run")
 p.add_argument("extra", nargs="*", help="further train.py arguments, after --")
@@ -31,11 +32,11 @@ for method in methods:
     for seed in seeds:
         out = os.path.join(args.out, f"{method}-seed{seed}")
         path = os.path.join(out, "results.json")
-        done = os.path.exists(path) and "metrics" in json.load(open(path))
-        if not done:
-            resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else ["--overwrite"]
-            cmd = [sys.executable, "train.py", "--setting", args.setting, "--data-dir", args.data_dir,
-                   "--method", method, "--seed", str(seed), "--out", out, *resume, *args.extra]
+        if not (os.path.exists(path) and "metrics" in json.load(open(path))):
+            again = os.path.exists(os.path.join(out, "checkpoint.pt"))
+            cmd = [sys.executable, "train.py", "--setting", args.setting, "--data-dir",
+                   args.data_dir, "--method", method, "--seed", str(seed), "--out", out,
+                   "--resume" if again else "--overwrite", *args.extra]
             print("$ " + " ".join(cmd[1:]), flush=True)
             if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
                               stdout=subprocess.DEVNULL).returncode:
@@ -44,7 +45,8 @@ for method in methods:
 
 
 def mean_std(values):
-    return f"{statistics.mean(values):5.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:3.1f}"
+    spread = statistics.stdev(values) if len(values) > 1 else 0
+    return f"{statistics.mean(values):5.1f} ± {spread:3.1f}"
 
 
 def learned(acc):
@@ -53,16 +55,17 @@ def learned(acc):
 
 
 def forgetting(acc):
-    """Mean drop from right after learning a task to the end of the sequence (all but the last task)."""
+    """Mean drop from right after learning a task to the end of the sequence (all but the last)."""
     return statistics.mean(acc[t][t] - acc[-1][t] for t in range(len(acc) - 1))
 
 
 print(f"\n{args.setting}: mean ± std over seeds {args.seeds} (accuracy %)")
-print(f"{'method':<8}" + "".join(f"{c:>14}" for c in ("Transfer", "Average", "Last", "learned", "forgetting"))
-      + f"{'mean rank kept':>18}")
+columns = ("Transfer", "Average", "Last", "learned", "forgetting")
+print(f"{'method':<8}" + "".join(f"{c:>14}" for c in columns) + f"{'mean rank kept':>18}")
 for method in methods:
     runs = [results[method, s] for s in seeds]
-    cells = [mean_std([r["metrics"][m]["mean"] for r in runs]) for m in ("transfer", "average", "last")]
+    cells = [mean_std([r["metrics"][m]["mean"] for r in runs])
+             for m in ("transfer", "average", "last")]
     cells += [mean_std([fn(r["acc"]) for r in runs]) for fn in (learned, forgetting)]
     ranks = [a["ranks"]["mean"] for r in runs for a in r["analysis"] if a.get("ranks")]
     kept = f"{statistics.mean(ranks):.1f} of {runs[0]['args']['rank']}" if ranks else "-"

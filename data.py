@@ -1,28 +1,31 @@
-"""The benchmark datasets: MTIL on torchvision's folder layouts, X-TAIL on CoOp's split files.
+"""The benchmark datasets: MTIL and X-TAIL, on torchvision's folder layouts or CoOp's split files.
 
 Every dataset becomes a `Task`: class names, prompt templates, and train/test sets that index
 image files (or, for CIFAR-100 and MNIST, uint8 arrays) without decoding an image, so even
 SUN397 or Food-101 index in seconds. `load_tasks` finds every dataset of a run before it reads
 any, so a missing folder is reported in one line before training starts, not at task 9.
 
-    tasks = load_tasks("xtail", "~/data")      # 10 Tasks in order, train sets already 16-shot
-    offsets = union_offsets(tasks)             # X-TAIL target = offsets[t] + local label
+    tasks = load_tasks("xtail", "~/data", shots=16)   # 10 Tasks in order, train sets 16-shot
+    prepare(tasks, 224, "~/.cache/codyra/eval")       # CLIP's preprocessing, test images cached
+    offsets = union_offsets(tasks)                    # X-TAIL target = offsets[t] + local label
 
 Rules that decide which image lands where (SPEC section 3):
 - caltech101, eurosat, sun397 (torchvision layout) have no official test set. ZSCL splits them
   with `random_split(ds, [int(0.8 n), n - int(0.8 n)], torch.Generator().manual_seed(42))`,
-  i.e. perm = randperm(n) from that generator, train = perm[:int(0.8 n)], test = the rest,
-  over the dataset in torchvision's order: caltech101 category folders sorted (BACKGROUND_Google
+  i.e. perm = randperm(n) from that generator, train = perm[:int(0.8 n)], test = the rest, over
+  the dataset in torchvision's order: caltech101 category folders sorted (BACKGROUND_Google
   dropped) then image files sorted; eurosat as ImageFolder (class folders sorted, files sorted);
   sun397 sorted by path components (torchvision keeps filesystem order, which is not portable).
 - Few-shot: per class k indices without replacement (with replacement only when the class has
   fewer than k), from a generator seeded by (seed, crc32 of the dataset name). No global RNG is
   touched, so a dataset's subset is the same whatever ran before it.
 """
+import hashlib
 import json
 import os
 import pickle
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,45 +34,28 @@ import numpy as np
 import torch
 from PIL import Image
 
+import clip_model
+
 # ----------------------------------------------------------------------------------------------
-# settings (plain data)
+# the benchmarks (plain data)
 
-SETTINGS = {
-    "mtil": {  # paper Table 2, order I
-        "datasets": ("aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food",
-                     "mnist", "pets", "cars", "sun397"),
-        "shots": 5, "dense_ratio": 0.7, "eval": "task-aware", "layout": "torchvision",
-        # real class counts and test sizes, for sanity checks and the README
-        "classes": {"aircraft": 100, "caltech101": 101, "cifar100": 100, "dtd": 47, "eurosat": 10,
-                    "flowers": 102, "food": 101, "mnist": 10, "pets": 37, "cars": 196, "sun397": 397},
-        "test_images": {"aircraft": 3333, "caltech101": 1736, "cifar100": 10000, "dtd": 1880,
-                        "eurosat": 5400, "flowers": 6149, "food": 25250, "mnist": 10000,
-                        "pets": 3669, "cars": 8041, "sun397": 21751},
-    },
-    "xtail": {  # paper Table 1: MTIL without cifar100, one union label space of all classes
-        "datasets": ("aircraft", "caltech101", "dtd", "eurosat", "flowers", "food", "mnist",
-                     "pets", "cars", "sun397"),
-        "shots": 16, "dense_ratio": 0.5, "eval": "union", "layout": "coop",
-        "classes": {"aircraft": 100, "caltech101": 100, "dtd": 47, "eurosat": 10, "flowers": 102,
-                    "food": 101, "mnist": 10, "pets": 37, "cars": 196, "sun397": 397},
-        "test_images": {"aircraft": 3333, "caltech101": 2465, "dtd": 1692, "eurosat": 8100,
-                        "flowers": 2463, "food": 30300, "mnist": 10000, "pets": 3669,
-                        "cars": 8041, "sun397": 19850},
-    },
+BENCHMARKS = {  # datasets in task order: (classes, test images) of the real data
+    "mtil": {  # paper Table 2, order I; task-aware: each image among its own dataset's classes
+        "datasets": {"aircraft": (100, 3333), "caltech101": (101, 1736), "cifar100": (100, 10000),
+                     "dtd": (47, 1880), "eurosat": (10, 5400), "flowers": (102, 6149),
+                     "food": (101, 25250), "mnist": (10, 10000), "pets": (37, 3669),
+                     "cars": (196, 8041), "sun397": (397, 21751)},
+        "eval_style": "task-aware", "layout": "torchvision"},
+    "xtail": {  # paper Table 1: MTIL without cifar100; union: among all 1,100 classes at once
+        "datasets": {"aircraft": (100, 3333), "caltech101": (100, 2465), "dtd": (47, 1692),
+                     "eurosat": (10, 8100), "flowers": (102, 2463), "food": (101, 30300),
+                     "mnist": (10, 10000), "pets": (37, 3669), "cars": (196, 8041),
+                     "sun397": (397, 19850)},
+        "eval_style": "union", "layout": "coop"},
 }
-
-SETTINGS["tiny"] = {  # the offline tiny world (tiny_world.py): generated images, a tiny pretrained CLIP
-    "datasets": ("shapes", "digits", "colours", "patterns", "counts"),
-    "shots": 16, "dense_ratio": 0.5, "eval": "task-aware", "layout": "generated",
-    # a tiny model from a short pretraining needs more steps and a larger step to learn 16 shots
-    # than CLIP does; fixed before any comparison was run. Full fine-tuning: a tenth of pretraining's lr.
-    "iterations": 300, "batch_size": 32, "lr": 2e-3, "lr_full": 1e-4,
-}
-
 ASSETS = json.loads((Path(__file__).parent / "assets" / "classnames_templates.json").read_text())
 MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate(
     "zero one two three four five six seven eight nine".split())]  # torchvision MNIST.classes
-DOWNLOAD_HINT = "rerun with --download (download=True) to fetch it with torchvision"
 
 
 class DataError(Exception):
@@ -77,7 +63,7 @@ class DataError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# datasets, splits, few-shot
+# image sets, the test-image cache, splits, few-shot
 
 @dataclass
 class Task:
@@ -89,15 +75,13 @@ class Task:
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Labelled images: file paths decoded on access, or a uint8 array (N, H, W[, 3]).
-
-    Labels are plain ints known up front, so samplers and few-shot selection never open a file.
-    """
+    """Labelled images: file paths decoded on access, or a uint8 array (N, H, W[, 3]). Labels are
+    plain ints known up front, so samplers and few-shot selection never open a file."""
 
     def __init__(self, images, labels, transform=None):
         self.images = images  # list[str] or np.ndarray
         self.labels = [int(y) for y in labels]
-        self.transform = transform  # PIL RGB image -> anything; settable
+        self.transform = transform  # PIL RGB image -> anything (clip_model.preprocess)
 
     def __len__(self):
         return len(self.labels)
@@ -115,6 +99,58 @@ class ImageSet(torch.utils.data.Dataset):
         images = (self.images[idx] if isinstance(self.images, np.ndarray)
                   else [self.images[i] for i in idx])
         return ImageSet(images, [self.labels[i] for i in idx], self.transform)
+
+    def batches(self, batch_size, workers=0, pin=False):
+        """(images, labels) batches in order, decoded in `workers` loader processes."""
+        return torch.utils.data.DataLoader(self, batch_size, num_workers=workers, pin_memory=pin)
+
+    def cached(self, name, cache_dir, workers=0):
+        """This set with its transform applied once: a CachedImages read from a .npy file, built on
+        first use (atomically) and named by the set's name, its first item's shape and a hash of
+        its image list. NOTE: images replaced in place under the same paths are not noticed;
+        delete the file (or the folder) then."""
+        first = self[0][0]
+        h = hashlib.sha1(str(first.shape).encode())
+        if isinstance(self.images, np.ndarray):
+            h.update(str(self.images.shape).encode())
+            h.update(np.ascontiguousarray(self.images).data)
+        else:
+            h.update("\n".join(self.images).encode())
+        path = os.path.join(cache_dir, f"{name}_{first.shape[-1]}px_{h.hexdigest()[:16]}.npy")
+        if not os.path.exists(path):
+            os.makedirs(cache_dir, exist_ok=True)
+            with clip_model.atomic(path) as tmp:
+                out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(self), *first.shape))
+                i = 0
+                for images, _ in self.batches(64, workers):
+                    out[i:i + len(images)] = images.numpy()
+                    i += len(images)
+                out.flush()
+                del out
+        return CachedImages(path, self.labels)
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """A test set as (3, R, R) uint8 tensors, already resized and cropped, in a .npy file. The
+    file is memory-mapped, so memory stays bounded by what the OS keeps in its page cache
+    (MTIL's ~100k test images are ~15 GB at 224 px; in RAM they would not fit most machines)."""
+
+    def __init__(self, path, labels):
+        self.path, self.labels = path, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(np.load(self.path, mmap_mode="r")[i])), self.labels[i]
+
+    def batches(self, batch_size, workers=0, pin=False):
+        """(B, 3, R, R) uint8 and (B,) labels, in order: one slice of the file each, in this
+        process (loader processes would cost more than they save)."""
+        images = np.load(self.path, mmap_mode="r")
+        for i in range(0, len(self), batch_size):
+            x = torch.from_numpy(np.array(images[i:i + batch_size]))
+            yield (x.pin_memory() if pin else x), torch.tensor(self.labels[i:i + batch_size])
 
 
 def split_80_20(n):
@@ -192,7 +228,8 @@ def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_air
 
 
 def _caltech101(folder):
-    names = dict(zip(ASSETS["mtil"]["caltech101"]["folders"], ASSETS["mtil"]["caltech101"]["classnames"]))
+    entry = ASSETS["mtil"]["caltech101"]
+    names = dict(zip(entry["folders"], entry["classnames"]))
     root = folder / "101_ObjectCategories"
     cats = sorted(c for c in os.listdir(root) if c != "BACKGROUND_Google" and (root / c).is_dir())
     return [names[c] for c in cats], *_split_in_order(*_class_folders(root, cats))
@@ -254,7 +291,7 @@ def _food(folder):
 
 
 def _read_idx(path):
-    """An MNIST idx file as a uint8 array (magic: 0, 0, dtype 0x08, ndim; then ndim big-endian sizes)."""
+    """An MNIST idx file as a uint8 array (magic 0, 0, dtype 0x08, ndim; ndim big-endian sizes)."""
     data = Path(path).read_bytes()
     if data[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not a uint8 idx file")
@@ -274,9 +311,10 @@ def _pets(folder):
 
     def read(split):
         rows = [line.split() for line in _lines(folder / "annotations" / f"{split}.txt")]
-        for r in rows:  # torchvision's names: "american_pit_bull_terrier_12" -> "American Pit Bull Terrier"
+        for r in rows:  # torchvision's names: "great_pyrenees_12" -> "Great Pyrenees"
             breeds[int(r[1]) - 1] = " ".join(p.title() for p in r[0].rsplit("_", 1)[0].split("_"))
-        return ImageSet([str(folder / "images" / f"{r[0]}.jpg") for r in rows], [int(r[1]) - 1 for r in rows])
+        return ImageSet([str(folder / "images" / f"{r[0]}.jpg") for r in rows],
+                        [int(r[1]) - 1 for r in rows])
     train, test = read("trainval"), read("test")
     return [breeds[i] for i in range(len(breeds))], train, test
 
@@ -309,24 +347,13 @@ def _coop(split_file, image_dir):
     def read(folder):
         try:
             split = json.loads((folder / split_file).read_text())
-        except ValueError as e:
-            raise ValueError(f"{split_file} is not valid JSON ({e})") from None
-        if not (isinstance(split, dict) and all(isinstance(split.get(k), list) for k in ("train", "test"))):
-            raise ValueError(f'{split_file} has no "train" and "test" lists')
-        names, sets = {}, []
-        for key in ("train", "test"):
-            paths, labels = [], []
-            for item in split[key]:
-                if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                        and isinstance(item[1], int) and isinstance(item[2], str)):
-                    raise ValueError(f"{split_file}: {key} item {str(item)[:60]} is not [path, label, classname]")
-                if names.setdefault(item[1], item[2]) != item[2]:
-                    raise ValueError(f"{split_file}: label {item[1]} has two class names")
-                paths.append(str(folder / image_dir / item[0]))
-                labels.append(item[1])
-            sets.append(ImageSet(paths, labels))
+            names = {label: name for key in ("train", "test") for _, label, name in split[key]}
+        except (ValueError, TypeError, KeyError) as e:  # not JSON, or not lists of triples
+            raise ValueError(f"{split_file} is not a CoOp split file ({e})") from None
         if sorted(names) != list(range(len(names))):
             raise ValueError(f"{split_file}: labels are not 0..{len(names) - 1}")
+        sets = [ImageSet([str(folder / image_dir / path) for path, _, _ in split[key]],
+                         [label for _, label, _ in split[key]]) for key in ("train", "test")]
         return [names[i] for i in range(len(names))], *sets
     return read
 
@@ -334,50 +361,54 @@ def _coop(split_file, image_dir):
 # ----------------------------------------------------------------------------------------------
 # layouts: name -> (folders to try under data_dir, what each must contain, reader)
 
-_AIRCRAFT_FILES = ("variants.txt", "images_variant_train.txt", "images_variant_test.txt", "images")
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-_CARS_FILES = ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
-               "cars_test_annos_withlabels.mat", "cars_train", "cars_test")
+_AIRCRAFT = ("variants.txt", "images_variant_train.txt", "images_variant_test.txt", "images")
+_MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+          "t10k-labels-idx1-ubyte")
+_CARS = ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat",
+         "cars_train", "cars_test")
 
-LAYOUTS = {
+
+def _split(folders, name, images, needs=()):
+    """A CoOp entry: its folders (CoOp's name, then torchvision's), split_zhou_{name}.json beside
+    the images folder, and that file's reader."""
+    split = f"split_zhou_{name}.json"
+    return folders, (split, *([images] if images else []), *needs), _coop(split, images)
+
+
+LAYOUTS = {  # name -> (folders to try under --data-dir, what one must hold, its reader)
     "torchvision": {  # the folders torchvision 0.29's dataset classes create under their root
-        "aircraft": (("fgvc-aircraft-2013b/data",), _AIRCRAFT_FILES, _aircraft),
+        "aircraft": (("fgvc-aircraft-2013b/data",), _AIRCRAFT, _aircraft),
         "caltech101": (("caltech101",), ("101_ObjectCategories",), _caltech101),
         "cifar100": (("cifar-100-python",), ("train", "test", "meta"), _cifar100),
         "dtd": (("dtd/dtd",), ("labels/train1.txt", "labels/test1.txt", "images"), _dtd),
         "eurosat": (("eurosat",), ("2750",), _eurosat),
         "flowers": (("flowers-102",), ("imagelabels.mat", "setid.mat", "jpg"), _flowers),
         "food": (("food-101",), ("meta/train.json", "meta/test.json", "images"), _food),
-        "mnist": (("MNIST/raw",), _MNIST_FILES, _mnist),
-        "pets": (("oxford-iiit-pet",), ("annotations/trainval.txt", "annotations/test.txt", "images"), _pets),
-        "cars": (("stanford_cars",), _CARS_FILES, _cars),
+        "mnist": (("MNIST/raw",), _MNIST, _mnist),
+        "pets": (("oxford-iiit-pet",), ("annotations/trainval.txt", "annotations/test.txt",
+                                        "images"), _pets),
+        "cars": (("stanford_cars",), _CARS, _cars),
         "sun397": (("SUN397",), ("ClassName.txt",), _sun397),
     },
-    "coop": {  # CoOp's DATASETS.md; the second folder of each is the torchvision one, same inside
-        "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT_FILES, _aircraft),
-        "caltech101": (("caltech-101", "caltech101"), ("split_zhou_Caltech101.json", "101_ObjectCategories"),
-                       _coop("split_zhou_Caltech101.json", "101_ObjectCategories")),
-        "dtd": (("dtd", "dtd/dtd"), ("split_zhou_DescribableTextures.json", "images"),
-                _coop("split_zhou_DescribableTextures.json", "images")),
-        "eurosat": (("eurosat", "EuroSAT"), ("split_zhou_EuroSAT.json", "2750"),
-                    _coop("split_zhou_EuroSAT.json", "2750")),
-        "flowers": (("oxford_flowers", "flowers-102"), ("split_zhou_OxfordFlowers.json", "jpg"),
-                    _coop("split_zhou_OxfordFlowers.json", "jpg")),
-        "food": (("food-101", "food101"), ("split_zhou_Food101.json", "images"),
-                 _coop("split_zhou_Food101.json", "images")),
-        "mnist": (("MNIST/raw",), _MNIST_FILES, _mnist),
-        "pets": (("oxford_pets", "oxford-iiit-pet"), ("split_zhou_OxfordPets.json", "images"),
-                 _coop("split_zhou_OxfordPets.json", "images")),
-        "cars": (("stanford_cars",), ("split_zhou_StanfordCars.json", "cars_train", "cars_test"),
-                 _coop("split_zhou_StanfordCars.json", "")),  # its paths start with cars_{train,test}/
-        "sun397": (("sun397",), ("split_zhou_SUN397.json", "SUN397"), _coop("split_zhou_SUN397.json", "SUN397")),
+    "coop": {  # CoOp's DATASETS.md
+        "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT, _aircraft),
+        "caltech101": _split(("caltech-101", "caltech101"), "Caltech101", "101_ObjectCategories"),
+        "dtd": _split(("dtd", "dtd/dtd"), "DescribableTextures", "images"),
+        "eurosat": _split(("eurosat", "EuroSAT"), "EuroSAT", "2750"),
+        "flowers": _split(("oxford_flowers", "flowers-102"), "OxfordFlowers", "jpg"),
+        "food": _split(("food-101", "food101"), "Food101", "images"),
+        "mnist": (("MNIST/raw",), _MNIST, _mnist),
+        "pets": _split(("oxford_pets", "oxford-iiit-pet"), "OxfordPets", "images"),
+        # its paths start with cars_{train,test}/
+        "cars": _split(("stanford_cars",), "StanfordCars", "", ("cars_train", "cars_test")),
+        "sun397": _split(("sun397",), "SUN397", "SUN397"),
     },
 }
 
-_TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101", "cifar100": "CIFAR100",
-                      "dtd": "DTD", "eurosat": "EuroSAT", "flowers": "Flowers102", "food": "Food101",
-                      "mnist": "MNIST", "pets": "OxfordIIITPet", "sun397": "SUN397"}  # cars: none
+_TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101",
+                      "cifar100": "CIFAR100", "dtd": "DTD", "eurosat": "EuroSAT",
+                      "flowers": "Flowers102", "food": "Food101", "mnist": "MNIST",
+                      "pets": "OxfordIIITPet", "sun397": "SUN397"}  # cars: none
 
 
 def _downloadable(name, layout):
@@ -393,21 +424,23 @@ def _find(data_dir, folders, needs):
 
 
 def _missing(name, layout, data_dir, download_error=None):
+    """The one line that says what was expected where, and how to get it."""
     folders, needs, _ = LAYOUTS[layout][name]
-    where = " or ".join(f"{data_dir / f}/" for f in folders)
-    msg = f"{name}: expected {where} with {', '.join(needs)}; "
+    msg = f"{name}: expected {' or '.join(f'{data_dir / f}/' for f in folders)} with " \
+          f"{', '.join(needs)}; "
     if name == "cars":
-        msg += ("torchvision can no longer download StanfordCars: put cars_train/, cars_test/, "
-                "cars_test_annos_withlabels.mat and devkit/ (cars_meta.mat, cars_train_annos.mat) there"
-                + (" plus CoOp's split_zhou_StanfordCars.json" if layout == "coop" else ""))
-    elif not _downloadable(name, layout):
-        msg += (f"put CoOp's {needs[0]} (see github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) "
-                f"next to the images in {needs[1]}/ there")
-    else:
-        msg += f"torchvision's download failed ({download_error})" if download_error else DOWNLOAD_HINT
-        if name == "caltech101":
-            msg += (f"; if its link is down, get caltech-101.zip from https://data.caltech.edu/records/"
-                    f"mzrjq-6wc02 and extract its 101_ObjectCategories.tar.gz into {data_dir / 'caltech101'}/")
+        return msg + ("torchvision can no longer download StanfordCars: put cars_train/, "
+                      "cars_test/, cars_test_annos_withlabels.mat and devkit/ there"
+                      + (" with CoOp's split_zhou_StanfordCars.json" if layout == "coop" else ""))
+    if not _downloadable(name, layout):
+        return msg + (f"put CoOp's {needs[0]} (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
+                      f" next to the images in {needs[1]}/ there")
+    msg += (f"torchvision's download failed ({download_error})" if download_error
+            else "rerun with --download to fetch it with torchvision")
+    if name == "caltech101":
+        msg += ("; if its link is down, get caltech-101.zip from https://data.caltech.edu/records/"
+                f"mzrjq-6wc02 and extract its 101_ObjectCategories.tar.gz into "
+                f"{data_dir / 'caltech101'}/")
     return msg
 
 
@@ -424,25 +457,14 @@ def _download(name, data_dir):
 # ----------------------------------------------------------------------------------------------
 # the one entry point
 
-def load_tasks(setting, data_dir, shots=None, seed=0, datasets=None, download=False):
-    """The tasks of a setting, in order, train sets already few-shot (shots=0: full train sets).
+def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=False):
+    """The tasks of a benchmark, in order, train sets `shots`-shot (None: the full train sets).
 
-    Finds every dataset first (downloading what torchvision can when download=True), then indexes
-    every one; any problem raises DataError with one line, before anything is returned.
+    Finds every dataset first (downloading what torchvision can when download=True), then
+    indexes every one; any problem raises DataError with one line, before anything is returned.
     """
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; choose from {sorted(SETTINGS)}")
-    cfg = SETTINGS[setting]
-    if setting == "tiny":  # generated in memory: nothing to find on disk
-        import tiny_world
-        # generated on demand, so it has no "full" train set: shots <= 0 means the setting's shots
-        return tiny_world.tiny_tasks(shots if shots and shots > 0 else cfg["shots"], seed, domains=datasets)
-    layout = cfg["layout"]
-    names = list(cfg["datasets"] if datasets is None else datasets)
-    unknown = [n for n in names if n not in LAYOUTS[layout]]
-    if unknown:
-        raise ValueError(f"unknown datasets {unknown} for {setting}; choose from {list(cfg['datasets'])}")
-    shots = cfg["shots"] if shots is None else shots
+    cfg = BENCHMARKS[benchmark]
+    layout, names = cfg["layout"], list(datasets or cfg["datasets"])
     data_dir = Path(data_dir).expanduser()
 
     # 1. every dataset is there
@@ -457,8 +479,8 @@ def load_tasks(setting, data_dir, shots=None, seed=0, datasets=None, download=Fa
         if folders[name] is None:
             missing.append(_missing(name, layout, data_dir, error))
     if missing:
-        also = f" (also missing: {', '.join(m.split(':')[0] for m in missing[1:])})" if missing[1:] else ""
-        raise DataError(missing[0] + also)
+        also = ", ".join(m.split(":")[0] for m in missing[1:])
+        raise DataError(missing[0] + (f" (also missing: {also})" if also else ""))
 
     # 2. every dataset indexes (file lists, split files, label arrays; no image is decoded)
     tasks = []
@@ -472,18 +494,38 @@ def load_tasks(setting, data_dir, shots=None, seed=0, datasets=None, download=Fa
         for part, s in (("train", train), ("test", test)):
             if len(s) == 0:
                 raise DataError(f"{name}: no {part} images found in {folder}")
-            if not isinstance(s.images, np.ndarray):  # cheap completeness check: first and last file
+            if not isinstance(s.images, np.ndarray):  # cheap completeness check: first and last
                 for p in (s.images[0], s.images[-1]):
                     if not os.path.exists(p):
-                        raise DataError(f"{name}: {p} is listed but missing; {folder} is incomplete")
+                        raise DataError(f"{name}: {p} is listed but missing; {folder} is "
+                                        "incomplete")
         classnames = [c.replace("_", " ") for c in classnames]
-        if setting == "mtil":
+        if benchmark == "mtil":
             templates = ASSETS["mtil"][name]["templates"]
         else:
             entry = ASSETS["xtail"][name]
             templates = [entry["template"]]
             classnames = [c + entry.get("classname_suffix", "") for c in classnames]
-        if shots and shots > 0:
+        if shots:
             train = train.subset(few_shot(train.labels, shots, seed, name))
         tasks.append(Task(name, classnames, list(templates), train, test))
     return tasks
+
+
+def prepare(tasks, resolution, cache_dir=None, workers=0):
+    """Give every task's images CLIP's preprocessing at this resolution, and (cache_dir not None)
+    decode each test set once into its uint8 cache, so that the evaluations after every task cost
+    forward passes, not decoding."""
+    for task in tasks:
+        if task.train is not None:
+            task.train.transform = clip_model.preprocess(True, resolution)
+        task.test.transform = clip_model.preprocess(False, resolution)
+        if cache_dir is None:
+            continue
+        start = time.time()
+        try:
+            task.test = task.test.cached(task.name, os.path.expanduser(cache_dir), workers)
+        except OSError as e:  # a full or read-only disk: evaluate from the images instead
+            print(f"{task.name}: no test-image cache ({e}); decoding at every evaluation")
+        if time.time() - start > 1:
+            print(f"{task.name}: {len(task.test)} test images cached in {time.time() - start:.0f}s")

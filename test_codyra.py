@@ -1,10 +1,11 @@
-"""Tests for codyra.py: the layer, placement, proximal step, schedule and merge (issue 2).
-Tiny random-init models; the whole file runs in seconds on a CPU."""
+"""Tests for codyra.py: the layer, placement, proximal step, schedule and merge. It stays beside
+codyra.py so that whoever copies the method can copy its tests; tiny random-init models."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_model
 import codyra
 
 # -----------------------------------------------------------------------------
@@ -12,23 +13,17 @@ import codyra
 
 
 def tiny_clip(seed=0):
-    import clip_model
+    """A random CLIP of the tiny world's shape (the tests in tests/ share the same one)."""
     torch.manual_seed(seed)
-    # embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-    # context_length, vocab_size, transformer_width, transformer_heads, transformer_layers
-    return clip_model.CLIP(16, 32, 2, 32, 8, 12, 100, 32, 2, 2).eval()
+    return clip_model.CLIP(**clip_model.CONFIGS["tiny"]).eval()
 
 
-def clip_batch(seed=0, images=4, prompts=3):
-    """Random images (B, 3, 32, 32) and token rows (N, 12) that end in an EOT (the largest id)."""
+def clip_batch(seed=0, images=4):
+    """Random images (B, 3, 32, 32), three class prompts, and a label per image."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(images, 3, 32, 32, generator=g)
-    tokens = torch.zeros(prompts, 12, dtype=torch.long)
-    for i in range(prompts):
-        n = 3 + i
-        tokens[i, :n] = torch.randint(1, 98, (n,), generator=g)
-        tokens[i, n] = 99
-    return x, tokens, torch.randint(0, prompts, (images,), generator=g)
+    tokens = clip_model.tokenize(["a photo of a circle.", "a red square.", "three small stars."])
+    return x, tokens, torch.randint(0, len(tokens), (images,), generator=g)
 
 
 def train(model, loss_fn, steps=5, tau=0.1, lr=1e-2):
@@ -60,15 +55,14 @@ def test_injection_preserves_base_output():
     with torch.no_grad():
         before = model(x, tokens)
         after = codyra.inject(model, 4)(x, tokens)
-    assert len(codyra.rank_stats(model)) == 2 * 2 * 6  # both encoders, 2 blocks, six linears each
+    assert len(codyra.rank_stats(model)) == 2 * 3 * 6  # both encoders, 3 blocks, six linears each
     assert torch.equal(before, after)
 
 
 def test_vit_b16_trainable_parameter_count():
     """ViT-B/16, rank 16, all six layer types in both encoders: 4,425,984 trainable parameters, only adapters."""
-    import clip_model
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = clip_model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
+        model = clip_model.CLIP(**clip_model.CONFIGS["ViT-B/16"])
     codyra.inject(model, 16, where=codyra.clip_placement("both"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in trainable.values()) == 4_425_984
@@ -155,9 +149,9 @@ def test_second_task_starts_from_merged_weights():
         merged_logits = model(*batch[:2])
         codyra.inject(model, 4)
         assert torch.equal(model(*batch[:2]), merged_logits)  # fresh adapters on top of task 1
-    assert all(not m.lora_B.any() for _, m in codyra._adapters(model))
+    assert all(not m.lora_B.any() for _, m in codyra.adapters(model))
     train(model, clip_loss(clip_batch(seed=1)))
-    deltas = {n + ".weight": (m.lora_B * m.lora_g) @ m.lora_A for n, m in codyra._adapters(model)}
+    deltas = {n + ".weight": (m.lora_B * m.lora_g) @ m.lora_A for n, m in codyra.adapters(model)}
     codyra.merge(model)
     w2 = model.state_dict()
     for k, delta in deltas.items():
@@ -231,7 +225,7 @@ def test_torchvision_vit_and_multihead_attention_guard():
     model, x, y = make(), torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="out_proj"):
         codyra.inject(model, 4)
-    assert not codyra._adapters(model)  # the refusal left the model untouched
+    assert not codyra.adapters(model)  # the refusal left the model untouched
     codyra.inject(model, 4, where=lambda name: not name.endswith("self_attention.out_proj"))
     assert sorted(codyra.rank_stats(model)) == ["encoder.layers.encoder_layer_0.mlp.0",
                                                 "encoder.layers.encoder_layer_0.mlp.3", "heads.head"]

@@ -15,11 +15,8 @@ from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
 
 import clip_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
-B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-           context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY, B16 = clip_model.CONFIGS["tiny"], clip_model.CONFIGS["ViT-B/16"]
 PROMPTS = ["a photo of a dog.", "a photo of a 707-320, a type of aircraft.", "it's 2024"]
 
 
@@ -88,7 +85,7 @@ def test_vit_b16_parameter_count(b16):
 def test_attention_is_four_linears(tiny):
     """Every attention and MLP weight is a plain nn.Linear under the contract's names (what adapters wrap)."""
     names = {n for n, m in tiny[2].named_modules() if isinstance(m, nn.Linear)}
-    for tower, layers in (("visual.transformer", 2), ("transformer", 2)):
+    for tower, layers in (("visual.transformer", 3), ("transformer", 3)):
         for i in range(layers):
             for leaf in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
                 names.remove(f"{tower}.resblocks.{i}.{leaf}")
@@ -247,7 +244,7 @@ def test_golden_ids():
 def reference_prompts():
     """Every listed class name in every template of its dataset (both settings), and every template
     with a few awkward names."""
-    ref = json.load(open(os.path.join(HERE, "assets", "classnames_templates.json")))
+    ref = json.load(open(os.path.join(ROOT, "assets", "classnames_templates.json")))
     mtil, xtail = ref["mtil"], ref["xtail"]
     prompts, templates = [], [t for d in mtil.values() if isinstance(d, dict) for t in d["templates"]]
     for name, d in mtil.items():
@@ -279,10 +276,11 @@ def test_truncation():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_transform_output(train):
-    """Any PIL image (grayscale, not square) becomes a normalised (3, R, R) tensor."""
+def test_preprocess_then_normalize(train):
+    """Any PIL image (grayscale, not square) becomes a (3, R, R) uint8 tensor, then normalised."""
     image = Image.new("L", (50, 30), color=128)
-    x = clip_model.transform(train, resolution=24)(image)
-    assert x.shape == (3, 24, 24)
-    assert torch.allclose(x, (128 / 255 - torch.tensor(clip_model.MEAN)[:, None, None])
+    x = clip_model.preprocess(train, resolution=24)(image)
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8
+    assert torch.allclose(clip_model.normalize(x[None])[0],
+                          (128 / 255 - torch.tensor(clip_model.MEAN)[:, None, None])
                           / torch.tensor(clip_model.STD)[:, None, None], atol=1e-5)

@@ -105,7 +105,7 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
         images(folder / image_dir, [it[0] for s in splits for it in items[s]])
         _touch(folder / split_file, json.dumps({"train": items["train"], "val": [], "test": items["test"]}))
 
-    for name in data.SETTINGS[setting]["datasets"]:
+    for name in data.BENCHMARKS[setting]["datasets"]:
         raw = FAKE_CLASSES.get(name, [])[:C]
         if name == "aircraft":
             d = root / ("fgvc_aircraft" if coop else "fgvc-aircraft-2013b/data")
@@ -219,8 +219,8 @@ def xtail_root(tmp_path_factory):
 def test_every_dataset_loads_with_names_counts_and_split_sizes(setting, request):
     """Both layouts give every dataset in order with its class names, templates, labels and sizes."""
     root = request.getfixturevalue(f"{setting}_root")
-    tasks = data.load_tasks(setting, root, shots=0)
-    assert [t.name for t in tasks] == list(data.SETTINGS[setting]["datasets"])
+    tasks = data.load_tasks(setting, root, shots=None)
+    assert [t.name for t in tasks] == list(data.BENCHMARKS[setting]["datasets"])
     for t in tasks:
         assert t.classnames == EXPECTED[setting][t.name], t.name
         n = len(t.train) + len(t.test)
@@ -238,7 +238,7 @@ def test_every_dataset_loads_with_names_counts_and_split_sizes(setting, request)
 
 def test_labels_follow_the_class_not_the_file_order(mtil_root):
     """Each image's label is its own class's index, whatever order the split file lists it in."""
-    tasks = {t.name: t for t in data.load_tasks("mtil", mtil_root, shots=0)}
+    tasks = {t.name: t for t in data.load_tasks("mtil", mtil_root, shots=None)}
     for name, folder_of in [("dtd", lambda p: p.split("/")[-2]), ("food", lambda p: p.split("/")[-2]),
                             ("caltech101", lambda p: p.split("/")[-2])]:
         raw = [r if isinstance(r, str) else r[0] for r in FAKE_CLASSES[name]]
@@ -249,7 +249,7 @@ def test_labels_follow_the_class_not_the_file_order(mtil_root):
 
 def test_items_decode_to_transformed_rgb(xtail_root):
     """__getitem__ gives (transform(PIL RGB image), label) for file and array datasets alike."""
-    tasks = {t.name: t for t in data.load_tasks("xtail", xtail_root, shots=0, datasets=["mnist", "pets"])}
+    tasks = {t.name: t for t in data.load_tasks("xtail", xtail_root, shots=None, datasets=["mnist", "pets"])}
     for t in tasks.values():
         img, label = t.test[0]
         assert img.mode == "RGB" and label == t.test.labels[0]
@@ -267,7 +267,7 @@ def test_coop_folder_name_variants(tmp_path):
     (root / "dtd").mkdir()
     (root / "dtd_tmp").rename(root / "dtd/dtd")
     (root / "oxford_pets").rename(root / "oxford-iiit-pet")
-    tasks = data.load_tasks("xtail", root, shots=0, datasets=["caltech101", "dtd", "pets"])
+    tasks = data.load_tasks("xtail", root, shots=None, datasets=["caltech101", "dtd", "pets"])
     assert [t.classnames for t in tasks] == [EXPECTED["xtail"][n] for n in ("caltech101", "dtd", "pets")]
 
 
@@ -282,24 +282,24 @@ def test_80_20_split_is_zscl_random_split_seed_42(mtil_root):
     train, test = torch.utils.data.random_split(
         index, [int(0.8 * len(index)), len(index) - int(0.8 * len(index))],
         generator=torch.Generator().manual_seed(42))
-    task = data.load_tasks("mtil", mtil_root, shots=0, datasets=["caltech101"])[0]
+    task = data.load_tasks("mtil", mtil_root, shots=None, datasets=["caltech101"])[0]
     assert task.train.images == list(train) and task.test.images == list(test)
     assert data.split_80_20(1000)[0][:5] == torch.randperm(1000, generator=torch.Generator().manual_seed(42))[:5].tolist()
 
 
 def test_sun397_split_does_not_depend_on_filesystem_order(mtil_root, monkeypatch):
     """SUN397's file list is sorted before the split, so listing order cannot change it."""
-    first = data.load_tasks("mtil", mtil_root, shots=0, datasets=["sun397"])[0]
+    first = data.load_tasks("mtil", mtil_root, shots=None, datasets=["sun397"])[0]
     listdir = data.os.listdir
     monkeypatch.setattr(data.os, "listdir", lambda p: list(reversed(listdir(p))))
-    second = data.load_tasks("mtil", mtil_root, shots=0, datasets=["sun397"])[0]
+    second = data.load_tasks("mtil", mtil_root, shots=None, datasets=["sun397"])[0]
     assert first.train.images == second.train.images and first.test.images == second.test.images
 
 
 def test_few_shot_same_seed_any_build_order(tmp_path):
     """A dataset's few-shot subset is the same whatever was built (or drew random numbers) before it."""
     root = write_fake_layout(tmp_path, "xtail", images_per_class=5)
-    names = list(data.SETTINGS["xtail"]["datasets"])
+    names = list(data.BENCHMARKS["xtail"]["datasets"])
     forward = {t.name: t.train.images for t in data.load_tasks("xtail", root, shots=2, seed=3)}
     random.random(), np.random.rand(7), torch.rand(11)
     backward = {t.name: t.train.images for t in data.load_tasks("xtail", root, shots=2, seed=3,
@@ -333,7 +333,7 @@ def test_few_shot_k_per_class_replacement_only_when_short():
 
 def test_union_offsets_follow_task_order(xtail_root):
     """Union offsets are the running class counts in task order; names concatenate in that order."""
-    tasks = data.load_tasks("xtail", xtail_root, shots=0)
+    tasks = data.load_tasks("xtail", xtail_root, shots=None)
     assert data.union_offsets(tasks) == [0, 3, 6, 9, 12, 15, 18, 28, 31, 34]
     union = [c for t in tasks for c in t.classnames]
     for t, off in zip(tasks, data.union_offsets(tasks)):
@@ -342,11 +342,11 @@ def test_union_offsets_follow_task_order(xtail_root):
 
 def test_union_of_real_class_counts_is_1100():
     """With the real class counts, X-TAIL's union has 1,100 classes and sun397 starts at 703."""
-    counts = data.SETTINGS["xtail"]["classes"]
-    tasks = [data.Task(n, ["c"] * counts[n], [], None, None) for n in data.SETTINGS["xtail"]["datasets"]]
+    counts = {n: c for n, (c, _) in data.BENCHMARKS["xtail"]["datasets"].items()}
+    tasks = [data.Task(n, ["c"] * counts[n], [], None, None) for n in data.BENCHMARKS["xtail"]["datasets"]]
     offsets = data.union_offsets(tasks)
     assert offsets[-1] + counts["sun397"] == 1100 and offsets[-1] == 703
-    assert sum(data.SETTINGS["mtil"]["classes"].values()) == 1201
+    assert sum(c for c, _ in data.BENCHMARKS["mtil"]["datasets"].values()) == 1201
 
 
 # ----------------------------------------------------------------------------------------------

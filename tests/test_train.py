@@ -6,27 +6,15 @@ import sys
 import time
 
 import pytest
-import torch
 
-import clip_model
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny random CLIP stands in for the pretrained one: these tests check the machinery, not accuracy
-FAST = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank", "2", "--workers", "0",
-        "--eval-batch-size", "64"]
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = clip_model.CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1)  # heads = width // 64, as build_model infers
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
+FAST = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank", "2",
+        "--workers", "0", "--eval-batch-size", "64"]
 
 
 def run(*argv, **kw):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -62,7 +50,7 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(*FAST, "--model", tiny_weights, "--out", str(whole)).returncode == 0
     proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", tiny_weights, "--out", str(cut)],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (cut / "results.json").exists() and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -79,8 +67,8 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
 
 def test_eval_script_writes_one_row(tiny_weights, tmp_path):
     """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json."""
-    out = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--setting", "tiny", "--model", tiny_weights,
-                          "--workers", "0", "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--setting", "tiny", "--model", tiny_weights,
+                          "--workers", "0", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
