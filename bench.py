@@ -28,37 +28,27 @@ import codyra
 import data
 import eval as evaluation
 
-p = argparse.ArgumentParser(description="Time training and evaluation, plain path against this "
-                                        "project's, on random weights and generated JPEGs.")
+p = argparse.ArgumentParser(description="Time training and evaluation, plain path against fast, "
+                                        "on random weights and generated JPEGs.")
 p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-p.add_argument("--model-size", choices=list(clip_model.CONFIGS), default="ViT-B/16",
-               help="the CLIP shape (random weights)")
-p.add_argument("--batch-size", type=int, help="images per step and evaluation batch "
-                                              "(default 64 CUDA, 4 CPU)")
-p.add_argument("--iters", type=int, help="timed iterations per row, after one warm-up "
-                                         "(default 20 CUDA, 2 CPU)")
+p.add_argument("--model-size", choices=list(clip_model.CONFIGS), default="ViT-B/16")
+p.add_argument("--batch-size", type=int, help="images per step and batch (default 64 CUDA, 4 CPU)")
+p.add_argument("--iters", type=int, help="timed iterations a row, after a warm-up (20 CUDA, 2 CPU)")
 p.add_argument("--classes", type=int, help="class prompts per task (default 100 CUDA, 10 CPU)")
-p.add_argument("--test-images", type=int, help="generated JPEGs in the evaluation rows "
-                                               "(default 4096 CUDA, 32 CPU)")
-p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-               help="data-loader processes")
-p.add_argument("--compile", action="store_true",
-               help="also time torch.compile'd encoders (compile time included)")
+p.add_argument("--test-images", type=int, help="JPEGs to evaluate (default 4096 CUDA, 32 CPU)")
+p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
+p.add_argument("--compile", action="store_true", help="also time torch.compile'd encoders")
 args = p.parse_args()
 device = evaluation.pick_device(args.device)
 cuda = device.type == "cuda"
-B = args.batch_size or (64 if cuda else 4)
-iters = args.iters or (20 if cuda else 2)
-C = args.classes or (100 if cuda else 10)
-N = args.test_images or (4096 if cuda else 32)
+B, iters = args.batch_size or (64 if cuda else 4), args.iters or (20 if cuda else 2)
+C, N = args.classes or (100 if cuda else 10), args.test_images or (4096 if cuda else 32)
 if min(B, iters, C, N) < 1 or args.workers < 0:
     p.error("--batch-size, --iters, --classes and --test-images must be >= 1, --workers >= 0")
-fast_amp = cuda
-fast = "bf16" if fast_amp else "fp32"
+fast_amp, fast = cuda, "bf16" if cuda else "fp32"  # the fast path's autocast: bf16 on CUDA only
+sync = torch.cuda.synchronize if cuda else (lambda: None)  # wait for the GPU before a clock read
 
-# -----------------------------------------------------------------------------
-# model, prompts, a test set of generated JPEGs
-
+# --- model, prompts, a batch of images, a test set of generated JPEGs
 torch.manual_seed(0)
 model = clip_model.CLIP(**clip_model.CONFIGS[args.model_size]).to(device).eval()
 R = model.visual.input_resolution
@@ -66,19 +56,14 @@ words = "red blue green small large round square old new dark".split() * C
 tokens = clip_model.tokenize([f"a photo of a {w}, a type of object." for w in words[:C]])
 tokens = tokens.to(device)
 L = int(tokens.argmax(-1).max()) + 1
+pixels = torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8, device=device)  # one batch
 tmp = tempfile.mkdtemp(prefix="codyra_bench_")
 rng = np.random.default_rng(0)
-paths = []
-for i in range(N):  # smooth random images compress and decode like photos, not like noise
+paths = [os.path.join(tmp, f"{i}.jpg") for i in range(N)]
+for path in paths:  # smooth random images compress and decode like photos, not like noise
     small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    paths.append(os.path.join(tmp, f"{i}.jpg"))
-    Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(paths[-1], quality=90)
+    Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(path, quality=90)
 test = data.ImageSet(paths, [i % C for i in range(N)], clip_model.preprocess(False, R))
-
-
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
 
 
 def encode_text_full(m, toks):
@@ -89,6 +74,7 @@ def encode_text_full(m, toks):
 
 @contextlib.contextmanager
 def full_text(m, on=True):
+    """Within it, when on, m.encode_text takes the plain path."""
     if on:
         m.encode_text = lambda toks: encode_text_full(m, toks)
     try:
@@ -97,14 +83,30 @@ def full_text(m, on=True):
         m.__dict__.pop("encode_text", None)
 
 
+def autocast(on):
+    return torch.autocast(device.type, torch.bfloat16, enabled=on)
+
+
+def inference(fn, *args, amp=fast_amp, full=False):
+    """fn(*args) as a call to time: no autograd, under autocast(amp) and full_text(model, full)."""
+    def run():
+        with torch.no_grad(), autocast(amp), full_text(model, full):
+            return fn(*args)
+    return run
+
+
 def peak_mb():
     if cuda:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def timed(fn, n=iters):
-    """Seconds per call of fn over n calls after one warm-up, and the peak memory."""
+rows = []  # (what, path, items/s, seconds per call, peak MB, plain seconds for the ratio)
+
+
+def row(what, path, items, fn, n=iters, plain=None):
+    """Time fn over n calls after one warm-up and add its row; returns its seconds per call (the
+    plain time of the rows below)."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     fn()
@@ -113,35 +115,20 @@ def timed(fn, n=iters):
     for _ in range(n):
         fn()
     sync()
-    return (time.perf_counter() - start) / n, peak_mb()
-
-
-def autocast(on):
-    return torch.autocast(device.type, torch.bfloat16, enabled=on)
-
-
-rows = []  # (what, path, items/s, seconds per call, peak MB, plain seconds for the ratio)
-
-
-def row(what, path, items, fn, n=iters, plain=None):
-    """Time fn, add its row; returns its seconds per call (the plain time of the rows below)."""
-    s, mem = timed(fn, n)
-    rows.append((what, path, items / s, s, mem, plain or s))
+    s = (time.perf_counter() - start) / n
+    rows.append((what, path, items / s, s, peak_mb(), plain or s))
     return s
 
-# -----------------------------------------------------------------------------
-# training: one CoDyRA step (train.py's loss), rank 16, all placements
 
-
+# --- training: one CoDyRA step (train.py's loss), rank 16, all placements
 def train_step(m, amp, full):
     params = [q for q in m.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.9999))
-    images = torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8, device=device)
     labels = torch.randint(0, C, (B,), device=device)
 
     def step():
         with autocast(amp), full_text(m, full):
-            img = F.normalize(m.encode_image(clip_model.normalize(images)).float(), dim=-1)
+            img = F.normalize(m.encode_image(clip_model.normalize(pixels)).float(), dim=-1)
             txt = F.normalize(m.encode_text(tokens).float(), dim=-1)
         loss = clip_model.contrastive_loss(img, txt, labels, m.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
@@ -156,7 +143,8 @@ plain = row("training, rank 16, all placements", "plain: fp32, 77-token text", B
             train_step(trainee, False, True))
 row("", f"fast: {fast}, text cut to {L}", B, train_step(trainee, fast_amp, False), plain=plain)
 if args.compile:
-    evaluation.compile_encoders(trainee)
+    trainee.visual.compile()
+    trainee.transformer.compile()
     start = time.perf_counter()
     train_step(trainee, fast_amp, False)()
     sync()
@@ -164,88 +152,40 @@ if args.compile:
         train_step(trainee, fast_amp, False), plain=plain)
 del trainee
 
-# -----------------------------------------------------------------------------
-# evaluation: the whole evaluate() of one test set (text features, loader, forward passes)
 
-
-def evaluate(images, amp, full):
+# --- evaluation: the whole evaluate() of one test set (text features, loader, forward passes)
+def evaluate(images):
     task = data.Task("bench", [f"class {c}" for c in range(C)], ["{}"], None, images)
-
-    def run():
-        with autocast(amp), full_text(model, full):
-            evaluation.evaluate(model, [task], False, device, B, args.workers)
-    return run
-
-
-def pipeline(images):
-    def run():
-        for x, _ in images.batches(B, args.workers, pin=cuda):
-            clip_model.normalize(x.to(device, non_blocking=True))
-    return run
+    return lambda: evaluation.evaluate(model, [task], False, device, B, args.workers)
 
 
 plain = row(f"evaluation, {N} JPEGs 500x375", "plain: fp32, 77 tokens, decode", N,
-            evaluate(test, False, True), n=1)
+            inference(evaluate(test), amp=False, full=True), n=1)
 start = time.perf_counter()
 cached = test.cached("bench", os.path.join(tmp, "cache"), args.workers)
 build_s = time.perf_counter() - start
-row("", f"fast: {fast}, cut, uint8 cache", N, evaluate(cached, fast_amp, False), n=1, plain=plain)
+row("", f"fast: {fast}, cut, uint8 cache", N, inference(evaluate(cached)), n=1, plain=plain)
 rows.append(("", "  (building the cache, once)", N / build_s, build_s, peak_mb(), None))
-plain = row("test images only, no model", "decode + resize + normalise", N, pipeline(test), n=1)
-row("", "uint8 cache + normalise on device", N, pipeline(cached), n=1, plain=plain)
 
-# -----------------------------------------------------------------------------
-# text tower: cut vs 77 tokens; inference: never-injected vs injected vs merged
-
-
-def text(full, amp):
-    @torch.no_grad()
-    def run():
-        with autocast(amp):
-            return encode_text_full(model, tokens) if full else model.encode_text(tokens)
-    return run
-
-
-plain = row(f"text tower, {C} prompts", "plain: fp32, 77 tokens", C, text(True, False))
-row("", f"fast: {fast}, cut to {L}", C, text(False, fast_amp), plain=plain)
-same = torch.allclose(text(True, False)(), text(False, False)(), atol=1e-4)
-images = clip_model.normalize(torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8,
-                                            device=device))
-
-
-def infer(m):
-    @torch.no_grad()
-    def run():
-        with autocast(fast_amp):
-            m.encode_image(images)
-    return run
-
-
+# --- text tower: cut vs 77 tokens; image inference: never-injected vs injected vs merged
+plain = row(f"text tower, {C} prompts", "plain: fp32, 77 tokens", C,
+            inference(encode_text_full, model, tokens, amp=False))
+row("", f"fast: {fast}, cut to {L}", C, inference(model.encode_text, tokens), plain=plain)
+with torch.no_grad():
+    same = torch.allclose(encode_text_full(model, tokens), model.encode_text(tokens), atol=1e-4)
+images = clip_model.normalize(pixels)
 injected = codyra.inject(copy.deepcopy(model), 16, where=codyra.clip_placement()).eval()
 for _, layer in codyra.adapters(injected):
     torch.nn.init.normal_(layer.lora_B, std=1e-3)  # so that merging changes the weights
 merged = codyra.merge(copy.deepcopy(injected))
-plain = row("image inference", "never-injected CLIP", B, infer(model))
-row("", "adapters live (before merge)", B, infer(injected), plain=plain)
-row("", "merged", B, infer(merged), plain=plain)
+plain = row("image inference", "never-injected CLIP", B, inference(model.encode_image, images))
+row("", "adapters live (before merge)", B, inference(injected.encode_image, images), plain=plain)
+row("", "merged", B, inference(merged.encode_image, images), plain=plain)
 
-# -----------------------------------------------------------------------------
-# report
-
-flash = ""
-if cuda:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad(), autocast(True):
-            model.encode_image(images[:2])
-            model.encode_text(tokens[:2])
-        flash = ", flash attention: both towers"
-    except RuntimeError as e:
-        flash = f", flash attention: NOT usable ({str(e).splitlines()[0][:60]})"
+# --- report
 name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
-print(f"bench: CLIP {args.model_size} (random weights, {R} px), {name}, torch "
-      f"{torch.__version__}, batch {B}, {iters} timed iterations (+1 warm-up), {C} class "
-      f"prompts{flash}")
+print(f"bench: CLIP {args.model_size} (random weights, {R} px), {name}, torch {torch.__version__}, "
+      f"batch {B}, {iters} timed iterations (+1 warm-up), {C} class prompts")
 print(f"{'':36}{'path':40}{'items/s':>10}{'ms/call':>10}{'peak MB':>10}{'vs plain':>10}")
 for what, path, rate, s, mem, base in rows:
     ratio = f"{base / s:.2f}x" if base else ""

@@ -302,17 +302,14 @@ CONFIGS = {  # ViT-B/16: 149,620,737 parameters; tiny: the tiny world's CLIP, 32
                  vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=128,
                  transformer_heads=2, transformer_layers=3),
 }
-_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}.pt"  # {sha256 of the file}/{name}
-MODELS = {
-    "ViT-B/32": _URL.format("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-                            "ViT-B-32"),
-    "ViT-B/16": _URL.format("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-                            "ViT-B-16"),
-    "ViT-L/14": _URL.format("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-                            "ViT-L-14"),
-    "ViT-L/14@336px": _URL.format(
-        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px"),
-}
+MODELS = {  # OpenAI's ViT checkpoints; the second-last segment of each URL is the file's sha256
+    name: f"https://openaipublic.azureedge.net/clip/models/{sha}/"
+          f"{name.replace('/', '-').replace('@', '-')}.pt" for name, sha in [
+              ("ViT-B/32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
+              ("ViT-B/16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+              ("ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+              ("ViT-L/14@336px",
+               "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02")]}
 
 
 class CLIPLoadError(Exception):

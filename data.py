@@ -1,24 +1,19 @@
-"""The benchmark datasets: MTIL and X-TAIL, on torchvision's folder layouts or CoOp's split files.
+"""The benchmark datasets of MTIL and X-TAIL, on torchvision's folder layouts or CoOp's splits.
 
 Every dataset becomes a `Task`: class names, prompt templates, and train/test sets that index
-image files (or, for CIFAR-100 and MNIST, uint8 arrays) without decoding an image, so even
-SUN397 or Food-101 index in seconds. `load_tasks` finds every dataset of a run before it reads
-any, so a missing folder is reported in one line before training starts, not at task 9.
+image files (or, for CIFAR-100 and MNIST, uint8 arrays) without decoding an image. `load_tasks`
+finds every dataset of a run before it reads any, so a missing one is reported in one line
+before training starts, not at task 9.
 
     tasks = load_tasks("xtail", "~/data", shots=16)   # 10 Tasks in order, train sets 16-shot
     prepare(tasks, 224, "~/.cache/codyra/eval")       # CLIP's preprocessing, test images cached
-    offsets = union_offsets(tasks)                    # X-TAIL target = offsets[t] + local label
 
-Rules that decide which image lands where (SPEC section 3):
-- caltech101, eurosat, sun397 (torchvision layout) have no official test set. ZSCL splits them
-  with `random_split(ds, [int(0.8 n), n - int(0.8 n)], torch.Generator().manual_seed(42))`,
-  i.e. perm = randperm(n) from that generator, train = perm[:int(0.8 n)], test = the rest, over
-  the dataset in torchvision's order: caltech101 category folders sorted (BACKGROUND_Google
-  dropped) then image files sorted; eurosat as ImageFolder (class folders sorted, files sorted);
-  sun397 sorted by path components (torchvision keeps filesystem order, which is not portable).
-- Few-shot: per class k indices without replacement (with replacement only when the class has
-  fewer than k), from a generator seeded by (seed, crc32 of the dataset name). No global RNG is
-  touched, so a dataset's subset is the same whatever ran before it.
+Which image lands where (SPEC section 3): caltech101, eurosat and sun397 have no official test
+set in torchvision's layout; as ZSCL we split them with random_split 80/20 and
+torch.Generator().manual_seed(42), over torchvision's order (class folders sorted, files
+sorted; sun397 sorted by path, as torchvision's file-system order is not portable). Few-shot:
+k indices per class (with replacement only when a class has fewer), from a generator seeded by
+(seed, crc32 of the dataset name) and nothing else.
 """
 import hashlib
 import json
@@ -153,11 +148,11 @@ class CachedImages(torch.utils.data.Dataset):
             yield (x.pin_memory() if pin else x), torch.tensor(self.labels[i:i + batch_size])
 
 
-def split_80_20(n):
-    """ZSCL's split of a dataset without a test set: (train indices, test indices)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(42)).tolist()
-    cut = int(0.8 * n)
-    return perm[:cut], perm[cut:]
+def split_80_20(paths, labels):
+    """ZSCL's split of a dataset without a test set: (train ImageSet, test ImageSet)."""
+    perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(42)).tolist()
+    full, cut = ImageSet(paths, labels), int(0.8 * len(paths))
+    return full.subset(perm[:cut]), full.subset(perm[cut:])
 
 
 def few_shot(labels, k, seed, name):
@@ -185,30 +180,24 @@ def _lines(path):
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _images_in(folder):
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-
-
-def _class_folders(root, classes):
-    """(paths, labels) of the images in root/<class>/, label = the class's index in `classes`."""
+def _class_folders(name, root, skip=()):
+    """torchvision's layout without a test set: a folder per class under root (its sorted order
+    gives the labels; the names are in the assets), files sorted, split 80/20 in that order."""
+    entry = ASSETS["mtil"][name]
+    classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir())
     paths, labels = [], []
     for label, c in enumerate(classes):
-        files = _images_in(root / c)
+        files = sorted(f for f in os.listdir(root / c)  # not macOS's "._x.jpg" companions
+                       if f.lower().endswith((".jpg", ".jpeg", ".png")) and f[0] != ".")
         paths += [str(root / c / f) for f in files]
         labels += [label] * len(files)
-    return paths, labels
-
-
-def _split_in_order(paths, labels):
-    train, test = split_80_20(len(paths))
-    full = ImageSet(paths, labels)
-    return full.subset(train), full.subset(test)
+    names = dict(zip(entry["folders"], entry["classnames"]))
+    return [names[c] for c in classes], *split_80_20(paths, labels)
 
 
 def _loadmat(name):
-    # Flowers102 and StanfordCars ship MATLAB files; cars' are struct/cell arrays. A reader for
-    # that format would outweigh the rest of this file, so scipy (what torchvision uses for these
-    # two datasets) is an optional import, asked for only when one of them is in the run.
+    # Flowers102 and StanfordCars ship MATLAB files (cars': struct arrays); scipy reads them, as
+    # for torchvision, imported only when one of them is in the run
     try:
         from scipy.io import loadmat
     except ImportError:
@@ -228,11 +217,7 @@ def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_air
 
 
 def _caltech101(folder):
-    entry = ASSETS["mtil"]["caltech101"]
-    names = dict(zip(entry["folders"], entry["classnames"]))
-    root = folder / "101_ObjectCategories"
-    cats = sorted(c for c in os.listdir(root) if c != "BACKGROUND_Google" and (root / c).is_dir())
-    return [names[c] for c in cats], *_split_in_order(*_class_folders(root, cats))
+    return _class_folders("caltech101", folder / "101_ObjectCategories", ("BACKGROUND_Google",))
 
 
 def _cifar100(folder):
@@ -260,10 +245,7 @@ def _dtd(folder):  # partition 1
 
 
 def _eurosat(folder):
-    names = dict(zip(ASSETS["mtil"]["eurosat"]["folders"], ASSETS["mtil"]["eurosat"]["classnames"]))
-    root = folder / "2750"
-    classes = sorted(c for c in os.listdir(root) if (root / c).is_dir())
-    return [names[c] for c in classes], *_split_in_order(*_class_folders(root, classes))
+    return _class_folders("eurosat", folder / "2750")
 
 
 def _flowers(folder):
@@ -339,7 +321,7 @@ def _sun397(folder):
         entries += [((*rel.split("/"), f), label) for f in files]
     entries.sort()  # by path components, the order of sorted(Path); see the module docstring
     paths = [str(folder.joinpath(*parts)) for parts, _ in entries]
-    return [rel[2:] for rel in lines], *_split_in_order(paths, [y for _, y in entries])
+    return [rel[2:] for rel in lines], *split_80_20(paths, [y for _, y in entries])
 
 
 def _coop(split_file, image_dir):
@@ -426,21 +408,18 @@ def _find(data_dir, folders, needs):
 def _missing(name, layout, data_dir, download_error=None):
     """The one line that says what was expected where, and how to get it."""
     folders, needs, _ = LAYOUTS[layout][name]
-    msg = f"{name}: expected {' or '.join(f'{data_dir / f}/' for f in folders)} with " \
-          f"{', '.join(needs)}; "
+    where = " or ".join(f"{data_dir / f}/" for f in folders)
+    msg = f"{name}: expected {where} with {', '.join(needs)}; "
     if name == "cars":
-        return msg + ("torchvision can no longer download StanfordCars: put cars_train/, "
-                      "cars_test/, cars_test_annos_withlabels.mat and devkit/ there"
-                      + (" with CoOp's split_zhou_StanfordCars.json" if layout == "coop" else ""))
+        return msg + "torchvision can no longer download StanfordCars: put its files there"
     if not _downloadable(name, layout):
         return msg + (f"put CoOp's {needs[0]} (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
                       f" next to the images in {needs[1]}/ there")
     msg += (f"torchvision's download failed ({download_error})" if download_error
             else "rerun with --download to fetch it with torchvision")
-    if name == "caltech101":
-        msg += ("; if its link is down, get caltech-101.zip from https://data.caltech.edu/records/"
-                f"mzrjq-6wc02 and extract its 101_ObjectCategories.tar.gz into "
-                f"{data_dir / 'caltech101'}/")
+    if name == "caltech101":  # its download link breaks often
+        msg += ("; or get caltech-101.zip from https://data.caltech.edu/records/mzrjq-6wc02 and "
+                f"extract its 101_ObjectCategories.tar.gz into {data_dir / 'caltech101'}/")
     return msg
 
 

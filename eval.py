@@ -1,13 +1,9 @@
-"""Evaluate CLIP on a continual-learning setting, and the paper's metrics.
+"""Evaluate CLIP on a continual-learning setting, and the paper's metrics. train.py evaluates
+with these functions after every task; run alone, this script writes one row (zero-shot).
 
-    python eval.py                                              # the tiny world's CLIP, zero-shot
-    python eval.py --setting mtil --data-dir ~/data             # OpenAI CLIP zero-shot
+    python eval.py                                              # the tiny world's CLIP
+    python eval.py --setting mtil --data-dir ~/data             # OpenAI CLIP, MTIL
     python eval.py --setting xtail --model out/xtail-codyra/checkpoint.pt
-
-A[t, j] is the top-1 accuracy (%) on dataset j after training task t. MTIL evaluates
-task-aware (each image among its own dataset's classes, template ensemble); X-TAIL
-evaluates task-agnostic (each image among the union of every dataset's classes).
-train.py evaluates with the functions below after every task; run alone, this writes one row.
 """
 import argparse
 import json
@@ -25,7 +21,7 @@ import tiny_world
 SETTINGS = {**data.BENCHMARKS, "tiny": tiny_world.BENCHMARK}  # datasets and evaluation style
 
 # -----------------------------------------------------------------------------
-# metrics (ZSCL / RAIL definitions; SPEC section 3). acc: rows = tasks finished, columns = datasets
+# metrics (ZSCL and RAIL's). acc[t][j]: top-1 accuracy (%) on dataset j after training task t
 
 
 def transfer(acc):
@@ -51,9 +47,8 @@ def compute_metrics(acc):
             for name, fn in (("transfer", transfer), ("average", average), ("last", last))}
 
 
-def format_row(label, values, width=7):
-    cells = "".join(f"{'-' if v is None else f'{v:.1f}':>{width}}" for v in values)
-    return f"{label:<10}{cells}"
+def format_row(label, values):
+    return f"{label:<10}" + "".join(f"{'-' if v is None else f'{v:.1f}':>7}" for v in values)
 
 
 def format_header(datasets, label=""):
@@ -98,13 +93,10 @@ def image_features(model, images, device, batch_size, workers):
 
 @torch.no_grad()
 def evaluate(model, tasks, union, device, batch_size=None, workers=0):
-    """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix.
-
-    union=False: task-aware, each image among its own task's classes (MTIL).
-    union=True: task-agnostic, each image among all tasks' classes; its target is its
-    local label plus the number of classes of the tasks before it (X-TAIL).
-    batch_size None: 1024 on CUDA, 256 on CPU.
-    """
+    """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix. union=False:
+    task-aware, each image among its own task's classes (MTIL). union=True: task-agnostic, each
+    image among all tasks' classes, its target its label plus the number of classes of the tasks
+    before it (X-TAIL). batch_size None: 1024 on CUDA, 256 on CPU."""
     batch_size = batch_size or (1024 if device.type == "cuda" else 256)
     was_training = model.training
     model.eval()
@@ -128,20 +120,16 @@ def add_arguments(p):
     """The flags of both scripts, in groups data, model, system; returns the groups by title."""
     groups = {title: p.add_argument_group(title) for title in ("data", "model", "system")}
     group = groups["data"]
-    group.add_argument("--setting", choices=sorted(SETTINGS), default="tiny",
-                       help="task sequence: the offline tiny world, MTIL (paper Table 2) or "
-                            "X-TAIL (Table 1)")
+    group.add_argument("--setting", choices=sorted(SETTINGS), default="tiny", help="task "
+                       "sequence: the offline tiny world, MTIL (Table 2) or X-TAIL (Table 1)")
     group.add_argument("--data-dir", default="data", help="folder holding the datasets (README)")
-    group.add_argument("--datasets", help="comma-separated datasets, in order (default: the "
-                                          "setting's order)")
-    group.add_argument("--download", action="store_true",
-                       help="download the datasets torchvision can fetch")
+    group.add_argument("--datasets", help="comma-separated datasets in order (default: all)")
+    group.add_argument("--download", action="store_true", help="let torchvision fetch what it can")
     group.add_argument("--eval-style", choices=["task-aware", "union"],
                        help="each image among its own dataset's classes (MTIL) or among all "
                             "datasets' classes (X-TAIL); default: the setting's")
-    groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16), OpenAI "
-                                 "weight file, or a checkpoint.pt of this project; the tiny "
-                                 "setting has its own")
+    groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16) or weight "
+                                 "file, or a checkpoint.pt; the tiny setting has its own")
     group = groups["system"]
     group.add_argument("--out", default="out", help="output folder for results.json")
     group.add_argument("--overwrite", action="store_true", help="replace the results in --out")
@@ -151,34 +139,29 @@ def add_arguments(p):
                        help="images per evaluation batch (default 1024 on CUDA, 256 on CPU)")
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="data-loader processes (default: the CPU cores, at most 8)")
-    group.add_argument("--cache-dir", default="~/.cache/codyra/eval",
-                       help="folder for the test images, resized and stored as uint8 once "
-                            "(~150 KB per image at 224 px, ~15 GB for MTIL); 'none' decodes "
-                            "them at every evaluation")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile both encoders; off: not shown to be faster including "
-                            "its compile time (bench.py --compile)")
+    group.add_argument("--cache-dir", default="~/.cache/codyra/eval", help="test images decoded "
+                       "once as uint8 (150 KB each, ~15 GB for MTIL); 'none': at every evaluation")
+    group.add_argument("--compile", action="store_true", help="torch.compile both encoders (not "
+                       "shown to be faster, compile time included: bench.py --compile)")
     return groups
 
 
 def check_arguments(p, args):
     """Validate the shared flags right after parsing, and fill in the setting's evaluation."""
     known = SETTINGS[args.setting]["datasets"]
-    if args.datasets:
-        args.datasets = args.datasets.split(",")
-        unknown = [d for d in args.datasets if d not in known]
-        if unknown:
-            p.error(f"unknown dataset(s) {','.join(unknown)} for --setting {args.setting}; "
-                    f"choose from {','.join(known)}")
+    args.datasets = args.datasets and args.datasets.split(",")
+    if any(d not in known for d in args.datasets or ()):
+        p.error(f"--datasets {','.join(args.datasets)}: --setting {args.setting} has "
+                f"{','.join(known)}")
     args.eval_style = args.eval_style or SETTINGS[args.setting]["eval_style"]
     if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
         p.error("--eval-batch-size must be >= 1 and --workers >= 0")
 
 
 def load_setting(args, shots=None):
-    """(tasks, model) of a run, the tasks preprocessed for that model, test images cached: the
-    one place where a setting's name becomes data and weights. shots None: no training images.
-    Exits with one line when a dataset or the weights are missing."""
+    """(tasks, model) of a run, the tasks preprocessed for that model: the one place where a
+    setting's name becomes data and weights. shots None: no training images. Exits with one line
+    when a dataset or the weights are missing."""
     try:  # the data first: a run without it stops before downloading any weights
         if args.setting == "tiny":  # generated in memory
             tasks = tiny_world.tasks(shots, args.seed, args.datasets)
@@ -187,35 +170,25 @@ def load_setting(args, shots=None):
                                     args.download)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    model = load_model(args.setting, args.model)
-    cache = None if args.cache_dir == "none" else args.cache_dir
-    data.prepare(tasks, model.visual.input_resolution, cache, args.workers)
-    return tasks, model
-
-
-def load_model(setting, name):
-    """An OpenAI model name or weight file, a checkpoint of this project, or (None) the setting's
-    own: ViT-B/16, or the tiny world's pretrained CLIP (one whatever the seed, as CLIP's is)."""
     try:
-        if setting == "tiny" and name in (None, "tiny"):
-            return tiny_world.pretrained()
-        return clip_model.load(name or "ViT-B/16")
+        if args.setting == "tiny" and args.model in (None, "tiny"):
+            model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
+        else:
+            model = clip_model.load(args.model or "ViT-B/16")
     except clip_model.CLIPLoadError as e:
         sys.exit(f"error: {e}")
-
-
-def compile_encoders(model):
-    """torch.compile both towers in place (state-dict keys unchanged); inject and merge swap
-    modules inside them, which makes torch recompile once per task."""
-    model.visual.compile()
-    model.transformer.compile()
+    cache = None if args.cache_dir == "none" else args.cache_dir
+    data.prepare(tasks, model.visual.input_resolution, cache, args.workers)
+    if args.compile:  # in place, keys unchanged; inject and merge make it recompile once a task
+        model.visual.compile()
+        model.transformer.compile()
+    return tasks, model
 
 
 def pick_device(name):
     """The run's device, printed once: fp32 weights everywhere, bf16 autocast on CUDA only."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"device: {device}" + (" (bf16 autocast, fp32 weights)" if device.type == "cuda"
-                                 else " (fp32)"))
+    print(f"device: {device} ({'bf16 autocast, ' * (device.type == 'cuda')}fp32 weights)")
     return device
 
 
@@ -242,17 +215,13 @@ def main():
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")
     device = pick_device(args.device)
     tasks, model = load_setting(args)
-    if args.compile:
-        compile_encoders(model)
     os.makedirs(args.out, exist_ok=True)
-    start = time.time()
+    start, names = time.time(), [t.name for t in tasks]
     with autocast(device):
         row = evaluate(model.to(device), tasks, args.eval_style == "union", device,
                        args.eval_batch_size, args.workers)
-    names = [t.name for t in tasks]
     metrics = compute_metrics([row])
-    print(format_header(names))
-    print(format_row("accuracy", row + [metrics["average"]["mean"]]))
+    print(format_header(names) + "\n" + format_row("accuracy", row + [metrics["last"]["mean"]]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
     write_json(results_path, {"setting": args.setting, "datasets": names, "acc": [row],

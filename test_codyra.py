@@ -60,19 +60,23 @@ def test_injection_preserves_base_output():
 
 
 def test_vit_b16_trainable_parameter_count():
-    """ViT-B/16, rank 16, all six layer types in both encoders: 4,425,984 trainable parameters, only adapters."""
+    """ViT-B/16, rank 16, all six layer types in both encoders: 4,425,984 trainable parameters,
+    only adapters."""
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = clip_model.CLIP(**clip_model.CONFIGS["ViT-B/16"])
     codyra.inject(model, 16, where=codyra.clip_placement("both"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in trainable.values()) == 4_425_984
     assert len(trainable) == 144 * 3
-    assert all(isinstance(model.get_submodule(n.rpartition(".")[0]), codyra.CoDyRALinear) for n in trainable)
-    assert all(p.device.type == "meta" for n, p in trainable.items())  # adapters follow the base weight
+    assert all(isinstance(model.get_submodule(n.rpartition(".")[0]), codyra.CoDyRALinear)
+               for n in trainable)
+    # adapters follow the base weight
+    assert all(p.device.type == "meta" for n, p in trainable.items())
 
 
 def test_soft_threshold_hand_values():
-    """S_tau on hand-computed values, incl. tau < |x| < 2 tau (shrunk here, zeroed by the released code)."""
+    """S_tau on hand-computed values, incl. tau < |x| < 2 tau (shrunk here, zeroed by the released
+    code)."""
     x = torch.tensor([-0.3, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.3])
     want = torch.tensor([-0.2, -0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.2])
     assert torch.allclose(codyra.soft_threshold(x, 0.1), want, atol=1e-7)
@@ -81,12 +85,14 @@ def test_soft_threshold_hand_values():
 
 @pytest.mark.parametrize("dense_ratio", [0.5, 0.7])
 def test_threshold_schedule(dense_ratio):
-    """tau is 0 through the dense phase, then rises monotonically in 50 levels to exactly kappa_max."""
+    """tau is 0 through the dense phase, then rises monotonically in 50 levels to exactly
+    kappa_max."""
     T, kappa = 500, 0.005
     taus = [codyra.threshold_schedule(i, T, dense_ratio, kappa) for i in range(T)]
     dense = int(dense_ratio * T)
     assert all(t == 0 for t in taus[:dense + 1])
-    assert taus[dense + 1] == pytest.approx(kappa / 49)  # the released code's np.linspace(0, kappa, 50)[1]
+    # the released code's np.linspace(0, kappa, 50)[1]
+    assert taus[dense + 1] == pytest.approx(kappa / 49)
     assert all(a <= b for a, b in zip(taus, taus[1:]))
     assert taus[-1] == kappa and len(set(taus)) == 50
 
@@ -99,7 +105,8 @@ def test_threshold_schedule_short_task_still_reaches_kappa_max():
 
 
 def test_zero_importance_rank_contributes_nothing():
-    """A rank with g = 0 contributes nothing: perturbing its row of A or column of B keeps the output."""
+    """A rank with g = 0 contributes nothing: perturbing its row of A or column of B keeps the
+    output."""
     torch.manual_seed(0)
     layer = codyra.CoDyRALinear(nn.Linear(8, 6), rank=4)
     x = torch.randn(5, 8)
@@ -118,7 +125,8 @@ def test_zero_importance_rank_contributes_nothing():
 
 
 def test_merge_keeps_logits_and_restores_architecture():
-    """After training with thresholding, merge keeps the logits (1e-5) and gives a never-injected state dict."""
+    """After training with thresholding, merge keeps the logits (1e-5) and gives a never-injected
+    state dict."""
     model, batch = tiny_clip(), clip_batch()
     codyra.inject(model, 4)
     train(model, clip_loss(batch))
@@ -137,7 +145,8 @@ def test_merge_keeps_logits_and_restores_architecture():
 
 
 def test_second_task_starts_from_merged_weights():
-    """inject-train-merge twice: task 2 starts from task 1's merged weights and adds its own B diag(g) A."""
+    """inject-train-merge twice: task 2 starts from task 1's merged weights and adds its own
+    B diag(g) A."""
     model, batch = tiny_clip(), clip_batch()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
     codyra.inject(model, 4)
@@ -156,7 +165,8 @@ def test_second_task_starts_from_merged_weights():
     w2 = model.state_dict()
     for k, delta in deltas.items():
         assert torch.allclose(w2[k], w1[k] + delta, atol=1e-6)
-    assert all(torch.equal(w2[k], v) for k, v in w1.items() if k not in deltas)  # nothing else moved
+    # nothing else moved
+    assert all(torch.equal(w2[k], v) for k, v in w1.items() if k not in deltas)
 
 # -----------------------------------------------------------------------------
 # placement and guards
@@ -164,19 +174,24 @@ def test_second_task_starts_from_merged_weights():
 
 def test_clip_placement_selects_encoder_and_layer_types():
     """clip_placement matches exactly the requested encoders and layer types of the CLIP naming."""
-    names = [f"{enc}.{i}.{layer}" for enc in ("visual.transformer.resblocks", "transformer.resblocks")
+    names = [f"{enc}.{i}.{layer}"
+             for enc in ("visual.transformer.resblocks", "transformer.resblocks")
              for i in (0, 11) for layer in codyra.CLIP_LAYERS.values()]
-    names += ["visual.proj", "visual.conv1", "text_projection", "visual.transformer.resblocks.0.ln_1"]
+    names += ["visual.proj", "visual.conv1", "text_projection",
+              "visual.transformer.resblocks.0.ln_1"]
     pick = lambda *a: sorted(n for n in names if codyra.clip_placement(*a)(n))
     assert len(pick("both")) == 24
-    assert pick("text", ("c_fc",)) == ["transformer.resblocks.0.mlp.c_fc", "transformer.resblocks.11.mlp.c_fc"]
-    assert all(n.startswith("visual.") and ".attn." in n for n in pick("vision", ("q", "k", "v", "out")))
+    assert pick("text", ("c_fc",)) == ["transformer.resblocks.0.mlp.c_fc",
+                                       "transformer.resblocks.11.mlp.c_fc"]
+    assert all(n.startswith("visual.") and ".attn." in n
+               for n in pick("vision", ("q", "k", "v", "out")))
     assert len(pick("vision", ("q", "k", "v", "out"))) == 8
 
 
 @pytest.mark.parametrize("args", [("image",), ("both", ("q", "o")), ("both", ())])
 def test_clip_placement_rejects_bad_arguments(args):
-    """An unknown encoder, an unknown layer type or an empty layer list is a ValueError, not a silent no-op."""
+    """An unknown encoder, an unknown layer type or an empty layer list is a ValueError, not a
+    silent no-op."""
     with pytest.raises(ValueError):
         codyra.clip_placement(*args)
 
@@ -189,7 +204,8 @@ def test_inject_refuses_to_wrap_twice():
 
 
 def test_adapters_follow_base_dtype_and_freeze_by_type():
-    """Adapters take the base weight's dtype; everything but the adapters is frozen, whatever its name."""
+    """Adapters take the base weight's dtype; everything but the adapters is frozen, whatever its
+    name."""
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     model.add_module("lora_like_name", nn.Linear(2, 2))  # a name with 'lora_' in it is still frozen
     codyra.inject(model.double(), 2, where=lambda n: n != "lora_like_name")
@@ -202,7 +218,8 @@ def test_adapters_follow_base_dtype_and_freeze_by_type():
 
 
 def test_small_mlp():
-    """Inject, train, threshold and merge a plain MLP: same outputs after merge, plain nn.Linear again."""
+    """Inject, train, threshold and merge a plain MLP: same outputs after merge, plain nn.Linear
+    again."""
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
     model, x, y = make(), torch.randn(32, 8), torch.randint(0, 3, (32,))
@@ -217,7 +234,8 @@ def test_small_mlp():
 
 
 def test_torchvision_vit_and_multihead_attention_guard():
-    """torchvision's ViT: inject refuses MHA's out_proj (read directly); excluding it, the recipe works."""
+    """torchvision's ViT: inject refuses MHA's out_proj (read directly); excluding it, the recipe
+    works."""
     from torchvision.models import VisionTransformer
     torch.manual_seed(0)
     make = lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
@@ -228,7 +246,8 @@ def test_torchvision_vit_and_multihead_attention_guard():
     assert not codyra.adapters(model)  # the refusal left the model untouched
     codyra.inject(model, 4, where=lambda name: not name.endswith("self_attention.out_proj"))
     assert sorted(codyra.rank_stats(model)) == ["encoder.layers.encoder_layer_0.mlp.0",
-                                                "encoder.layers.encoder_layer_0.mlp.3", "heads.head"]
+                                                "encoder.layers.encoder_layer_0.mlp.3",
+                                                "heads.head"]
     train(model, lambda m: F.cross_entropy(m(x), y), tau=0.05)
     model.eval()
     with torch.no_grad():

@@ -1,14 +1,9 @@
-"""The tiny world: a small CLIP pretrained on generated captioned images, and a sequence of
-generated downstream domains (the `tiny` setting), so that the method runs offline on a CPU.
-`pretrained()` pretrains the CLIP on first use and caches it in ~/.cache/codyra; `tasks()` gives
-the domains as data.Task; `python eval.py` prints the zero-shot accuracy on every domain.
-
-Pretraining scenes: 1-4 filled shapes of one shape, colour and size on a dark plain or
-low-contrast patterned background, captioned with a random subset of their attributes
-("a photo of three small red circles on a striped background."). No digits ever appear.
-Downstream domains are drawn in other styles (noisy or tinted backgrounds, blobs, full-image
-patterns, pen strokes), so zero-shot works only partly and training helps; `digits` is new.
-"""
+"""The tiny world, to run the method offline on a CPU: a small CLIP pretrained on generated
+captioned scenes (`pretrained()`, cached in ~/.cache/codyra) and generated domains (`tasks()`).
+Scenes: 1-4 shapes of one shape, colour and size on a dark plain or faintly patterned background,
+captioned with a random subset of their attributes ("a photo of three small red circles on a
+striped background."); never a digit. The domains are drawn in other styles (noisy or tinted
+backgrounds, blobs, patterns, pen strokes), so zero-shot works only partly; `digits` is new."""
 import hashlib
 import json
 import math
@@ -24,14 +19,11 @@ from PIL import Image
 import clip_model
 from data import ImageSet, Task
 
-# -----------------------------------------------------------------------------
-# drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
-
+# ---- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
 RES = 32         # image side in pixels (clip_model.CONFIGS["tiny"] takes 32 px images)
 SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
 _HI = RES * SUPERSAMPLE
 _PIXEL_CENTRES = (np.mgrid[0:_HI, 0:_HI].astype(np.float32) + 0.5) / SUPERSAMPLE  # (y/x, _HI, _HI)
-
 COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 220, 40),
            "green": (40, 170, 60), "blue": (40, 90, 230), "purple": (140, 50, 200),
            "pink": (245, 130, 200), "white": (245, 245, 245)}
@@ -42,66 +34,51 @@ PRETRAIN_PATTERNS = ["striped", "checkered", "dotted"]  # grid and zigzag: downs
 PRETRAIN_MAX_COUNT = 4                                   # "five" and "six": downstream only
 
 
-def _downsample(m):
-    """(_HI, _HI) 0/1 mask -> (RES, RES) coverage."""
+def _downsample(m):  # (_HI, _HI) 0/1 mask -> (RES, RES) coverage
     return m.reshape(RES, SUPERSAMPLE, RES, SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
 
 
-def _inside(shape, u, v):
-    """Is the point (u, v) (unit radius, v pointing down) inside the shape?"""
+def shape_mask(shape, cx, cy, radius, angle=0.0):
+    """A shape (one of SHAPES) centred at (cx, cy) pixels, rotated by angle (radians)."""
+    dy, dx = (_PIXEL_CENTRES[0] - cy) / radius, (_PIXEL_CENTRES[1] - cx) / radius
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * dx + s * dy, -s * dx + c * dy  # in radii, v pointing down
     r2 = u * u + v * v
     if shape == "circle":
-        return r2 <= 1
+        return _downsample(r2 <= 1)
     if shape == "square":
-        return np.maximum(abs(u), abs(v)) <= 0.8
+        return _downsample(np.maximum(abs(u), abs(v)) <= 0.8)
     if shape == "triangle":  # equilateral, pointing up
-        return (v <= 0.5) & (np.sqrt(3) * u - v <= 1) & (-np.sqrt(3) * u - v <= 1)
+        return _downsample((v <= 0.5) & (np.sqrt(3) * u - v <= 1) & (-np.sqrt(3) * u - v <= 1))
     if shape == "diamond":
-        return abs(u) / 0.8 + abs(v) <= 1
+        return _downsample(abs(u) / 0.8 + abs(v) <= 1)
     if shape == "star":  # 5 points; radius falls linearly from 1 at a tip to 0.45 between tips
         frac = ((np.arctan2(u, -v) / (2 * np.pi / 5)) % 1.0 - 0.5) * 2  # -1..1, 0 between tips
-        return np.sqrt(r2) <= 0.45 + 0.55 * abs(frac)
+        return _downsample(np.sqrt(r2) <= 0.45 + 0.55 * abs(frac))
     if shape == "cross":
-        return ((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1))
+        return _downsample(((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)))
     if shape == "ring":
-        return (r2 <= 1) & (r2 >= 0.55 ** 2)
+        return _downsample((r2 <= 1) & (r2 >= 0.55 ** 2))
     if shape == "heart":
         x, y = 1.25 * u, -1.25 * v + 0.25
-        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+        return _downsample((x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0)
     raise ValueError(shape)
 
 
-def shape_mask(shape, cx, cy, radius, angle=0.0):
-    """A shape centred at (cx, cy) pixels, rotated by angle (radians)."""
-    dy, dx = (_PIXEL_CENTRES[0] - cy) / radius, (_PIXEL_CENTRES[1] - cx) / radius
-    c, s = np.cos(angle), np.sin(angle)
-    return _downsample(_inside(shape, c * dx + s * dy, -s * dx + c * dy))
-
-
 def pattern(kind, period, angle, phase):
-    """A full-image pattern; period in pixels."""
+    """A full-image pattern (one of PATTERNS); period in pixels."""
     c, s = np.cos(angle), np.sin(angle)
     y, x = _PIXEL_CENTRES
-    u = (c * x + s * y) / period + phase
-    v = (-s * x + c * y) / period + phase
-    fu, fv = u % 1.0, v % 1.0
-    if kind == "striped":
-        m = fu < 0.5
-    elif kind == "checkered":
-        m = (np.floor(u) + np.floor(v)) % 2 == 0
-    elif kind == "dotted":
-        m = (fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.22 ** 2
-    elif kind == "grid":
-        m = (fu < 0.2) | (fv < 0.2)
-    elif kind == "zigzag":
-        m = (v + 0.5 * abs(2 * fu - 1)) % 1.0 < 0.4
-    else:
-        raise ValueError(kind)
-    return _downsample(m)
+    u, v = (c * x + s * y) / period + phase, (-s * x + c * y) / period + phase
+    fu, fv = u % 1.0, v % 1.0  # where in its period each pixel is
+    return _downsample({"striped": fu < 0.5,  # all five are cheap: compute them, keep one
+                        "checkered": (np.floor(u) + np.floor(v)) % 2 == 0,
+                        "dotted": (fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.22 ** 2,
+                        "grid": (fu < 0.2) | (fv < 0.2),
+                        "zigzag": (v + 0.5 * abs(2 * fu - 1)) % 1.0 < 0.4}[kind])
 
 
-def _arc(cx, cy, rx, ry, a0, a1, n=10):
-    """Points of an elliptic arc from angle a0 to a1 (degrees; 0 = right, 90 = down)."""
+def _arc(cx, cy, rx, ry, a0, a1, n=10):  # points of an elliptic arc; degrees, 0 right, 90 down
     return [(cx + rx * np.cos(t), cy + ry * np.sin(t)) for t in np.radians(np.linspace(a0, a1, n))]
 
 
@@ -125,40 +102,34 @@ def strokes_mask(strokes, matrix, offset, width):
     best = np.full(len(p), np.inf, dtype=np.float32)  # distance to the nearest stroke
     for line in strokes:
         q = np.asarray(line, dtype=np.float32) @ matrix.T + offset  # (K, 2)
-        a, b = q[:-1], q[1:]                                          # segments (K-1, 2)
-        ab = b - a
+        a, ab = q[:-1], q[1:] - q[:-1]                                # segments (K-1, 2)
         t = ((p[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)
         closest = a + np.clip(t, 0, 1)[..., None] * ab                # (P, K-1, 2)
         best = np.minimum(best, np.sqrt(((p[:, None] - closest) ** 2).sum(-1)).min(1))
     return _downsample((best <= width / 2).reshape(_HI, _HI))
 
 
-def _paint(canvas, mask, rgb):
-    """Alpha-blend a colour into a float (RES, RES, 3) canvas in place."""
+def _paint(canvas, mask, rgb):  # alpha-blend a colour into a float (RES, RES, 3) canvas in place
     canvas += mask[..., None] * (np.asarray(rgb, dtype=np.float32) - canvas)
 
 
-def _to_uint8(canvas, rng=None, noise=0):
-    """A float canvas rounded to pixels, after adding Gaussian noise of std `noise`."""
+def _to_uint8(canvas, rng=None, noise=0):  # rounded to pixels, after Gaussian noise of std noise
     noisy = canvas + rng.normal(0, noise, canvas.shape).astype(np.float32) if noise else canvas
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
-def _jitter(rng, rgb, amount):
+def _jitter(rng, rgb, amount):  # a colour plus Gaussian noise of std amount, kept in 0..255
     return np.clip(np.asarray(rgb, dtype=np.float32) + rng.normal(0, amount, 3), 0, 255)
 
 
-def _positions(rng, k, radius):
-    """k object centres in distinct cells of a 3x3 grid, jittered inside their cells."""
-    cells = rng.choice(9, size=k, replace=False)
-    cell = RES / 3
+def _positions(rng, k, radius):  # k centres in distinct cells of a 3x3 grid, jittered in them
+    cells, cell = rng.choice(9, size=k, replace=False), RES / 3
     slack = max(cell / 2 - radius, 0)
     return [((c % 3 + 0.5) * cell + rng.uniform(-slack, slack),
              (c // 3 + 0.5) * cell + rng.uniform(-slack, slack)) for c in cells]
 
-# -----------------------------------------------------------------------------
-# pretraining scenes and their captions
 
+# ---- pretraining scenes and their captions
 MENTION_PROBABILITY = dict(shape=0.9, colour=0.6, size=0.4, position=0.3, background=0.6)
 CAPTION_TEMPLATES = ["a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.",
                      "there is {}.", "an image showing {}."]
@@ -173,8 +144,7 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
     k = k or int(rng.integers(1, PRETRAIN_MAX_COUNT + 1))
     large = k == 1 and rng.random() < 0.5
     radius = rng.uniform(9, 12) if large else rng.uniform(4, 5.5)
-    dark = _jitter(rng, (rng.uniform(0, 70),) * 3, 12)  # slightly tinted
-    canvas = np.full((RES, RES, 3), dark, dtype=np.float32)
+    canvas = np.full((RES, RES, 3), _jitter(rng, (rng.uniform(0, 70),) * 3, 12), np.float32)
     background = None
     if rng.random() < 0.35:
         background = PRETRAIN_PATTERNS[rng.integers(len(PRETRAIN_PATTERNS))]
@@ -186,20 +156,16 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
     rgb = _jitter(rng, COLOURS[colour], 10)
     for cx, cy in centres:
         _paint(canvas, shape_mask(shape, cx, cy, radius, rng.normal(0, 0.1)), rgb)
-
     # the caption names a random subset of the attributes (always the shape or the colour)
     mention = MENTION_PROBABILITY
     say_shape, say_colour = rng.random() < mention["shape"], rng.random() < mention["colour"]
-    say_shape = say_shape or not say_colour
-    if k == 1:
-        words = ["one" if rng.random() < 0.2 else "a"]
-    else:
-        words = [COUNTS[k - 1] if rng.random() < 0.8 else "some"]
+    say_number = rng.random() < (0.2 if k == 1 else 0.8)  # else "a" or "some"
+    words = [COUNTS[k - 1] if say_number else "a" if k == 1 else "some"]
     if rng.random() < mention["size"]:
         words.append("large" if large else "small")
     if say_colour:
         words.append(colour)
-    noun = shape if say_shape else "object"
+    noun = shape if say_shape or not say_colour else "object"
     words.append(noun + ("es" if noun == "cross" and k > 1 else "s" if k > 1 else ""))
     if k == 1 and not large and rng.random() < mention["position"]:
         cx, cy = centres[0]
@@ -214,9 +180,8 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
 
 
 def pretrain_batch(rng, n):
-    """n scenes in pairs that differ in one attribute (mostly the shape): uint8 (n, RES, RES, 3),
-    captions. NOTE: hard negatives: colour alone tells most random scenes apart and is learned
-    first; a partner that differs only in shape makes the shape matter to the loss."""
+    """n scenes (uint8 (n, RES, RES, 3), captions) in pairs that differ in one attribute, mostly the
+    shape: hard negatives, as colour alone tells most scenes apart and would be learned first."""
     pairs, colours = [], list(COLOURS)
     while len(pairs) < n:
         shape, colour = SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(COLOURS))]
@@ -232,10 +197,8 @@ def pretrain_batch(rng, n):
         pairs.append(pretrain_example(rng, shape, colour, k))
     return np.stack([p[0] for p in pairs[:n]]), [p[1] for p in pairs[:n]]
 
-# -----------------------------------------------------------------------------
-# downstream domains: draw(rng, label) -> uint8 (RES, RES, 3)
 
-
+# ---- downstream domains: draw(rng, label) -> uint8 (RES, RES, 3)
 def draw_shapes(rng, label):
     """One shape, any colour but white, rotated, on a noisy background."""
     canvas = np.full((RES, RES, 3), _jitter(rng, (rng.uniform(20, 100),) * 3, 20), np.float32)
@@ -327,30 +290,23 @@ def generate(name, per_class, rng, train):
 
 def tasks(shots=16, seed=0, datasets=None, test_per_class=TEST_PER_CLASS):
     """The tiny setting's Tasks, in order: `shots` training images per class drawn from the seed
-    (None: no training set, train is None), and a fixed test set. Images come out as uint8
-    (3, RES, RES) tensors."""
+    (None: train is None) and a fixed test set, both of uint8 (3, RES, RES) tensors."""
     unknown = [n for n in datasets or () if n not in DOMAINS]
     if unknown:
         raise ValueError(f"unknown datasets {unknown} for tiny; choose from {list(DOMAINS)}")
-    out = []
-    for name in datasets or DOMAINS:
-        classnames, templates, _ = DOMAINS[name]
-        train = None if shots is None else generate(name, shots, _rng(seed, name, "train"), True)
-        test = generate(name, test_per_class, _rng(TEST_SEED, name, "test"), False)
-        out.append(Task(name, classnames, templates, train, test))
-    return out
+    return [Task(name, DOMAINS[name][0], DOMAINS[name][1],  # classnames, templates
+                 None if shots is None else generate(name, shots, _rng(seed, name, "train"), True),
+                 generate(name, test_per_class, _rng(TEST_SEED, name, "test"), False))
+            for name in datasets or DOMAINS]
 
-# -----------------------------------------------------------------------------
-# the tiny CLIP (clip_model.CONFIGS["tiny"]): pretrained on generated scenes, cached on disk
 
+# ---- the tiny CLIP (clip_model.CONFIGS["tiny"]): pretrained on generated scenes, cached on disk
 WORLD_VERSION = 1  # NOTE: bump when the generator or the recipe changes: stale caches go unused
 PRETRAIN = dict(steps=1000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
 
 
 def pretraining_loss(model, images, captions):
-    """CLIP's pretraining objective, symmetric InfoNCE over a batch of (image, caption) pairs;
-    identical captions in a batch all count as matches, not negatives. (Continual learning
-    trains with clip_model.contrastive_loss instead.)"""
+    """CLIP's symmetric InfoNCE over (image, caption) pairs; equal captions all count as matches."""
     img = F.normalize(model.encode_image(images), dim=-1)                        # (B, E)
     txt = F.normalize(model.encode_text(clip_model.tokenize(captions)), dim=-1)  # (B, E)
     logits = model.logit_scale.exp() * img @ txt.T                               # (B, B)
@@ -362,15 +318,13 @@ def pretraining_loss(model, images, captions):
 def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["steps"],
              batch_size=PRETRAIN["batch_size"], lr=PRETRAIN["lr"], warmup=PRETRAIN["warmup"],
              weight_decay=PRETRAIN["weight_decay"], log=print):
-    """Train a CLIP from scratch on freshly generated scenes (AdamW; linear warmup, then cosine
-    decay to 0); returns (model in eval mode, loss per step)."""
+    """A CLIP trained from scratch on fresh scenes (AdamW, warmup, cosine): (model, step losses)."""
     torch.manual_seed(seed)
     model = clip_model.CLIP(**clip_config).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": rest, "weight_decay": 0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     preprocess = clip_model.preprocess(False, clip_config["image_resolution"])
     rng, t0, losses = _rng(seed, "pretrain"), time.time(), []
     for step in range(steps):
@@ -393,8 +347,7 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
 
 
 def pretrained(seed=0, cache_dir=None, log=print):
-    """The tiny world's pretrained CLIP (fp32, eval mode): pretrained on first use, then loaded
-    from a cache file named by a hash of everything that shapes the weights."""
+    """The pretrained tiny CLIP (eval mode): trained once, cached under a hash of its recipe."""
     config = clip_model.CONFIGS["tiny"]
     key = json.dumps([WORLD_VERSION, config, PRETRAIN, seed], sort_keys=True)
     path = os.path.join(cache_dir or os.path.expanduser("~/.cache/codyra"),
@@ -408,6 +361,5 @@ def pretrained(seed=0, cache_dir=None, log=print):
     model, _ = pretrain(seed, config, **PRETRAIN, log=log)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with clip_model.atomic(path) as tmp:
-        torch.save({"clip_config": config, "pretrain": PRETRAIN, "seed": seed,
-                    "world_version": WORLD_VERSION, "state_dict": model.state_dict()}, tmp)
+        torch.save({"recipe": key, "state_dict": model.state_dict()}, tmp)
     return model

@@ -1,17 +1,14 @@
 """Continual learning of CLIP with CoDyRA: learn each task of a setting in turn, merge the
 surviving ranks into the weights, evaluate on every dataset, print the paper's tables.
+Reads top-down: config, data and model, one task, the sequence, the report.
 
     python train.py                                   # the offline tiny world (CPU, minutes)
     python train.py --setting mtil --shots 5          # paper Table 2 (ViT-B/16, GPU)
-    python train.py --setting xtail --shots 16        # paper Table 1
-    python train.py --setting mtil --method lora      # same adapters, no rank selection
-
-Reads top-down: config, data and model, one task, the sequence, the report.
+    python train.py --setting xtail --method lora     # Table 1, adapters without rank selection
 """
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -37,7 +34,7 @@ RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "compi
                  "eval_batch_size"}  # may change on --resume; every other flag defines the run
 
 
-def recipe_help(key):
+def recipe_help(key):  # the defaults as RECIPES states them, so that no help text drifts
     return "default: the setting's, " + ", ".join(f"{r[key]} {s}" for s, r in RECIPES.items())
 
 
@@ -46,9 +43,8 @@ groups = evaluation.add_arguments(p)
 groups["data"].add_argument("--shots", type=int,
                             help="training images per class; " + recipe_help("shots"))
 group = p.add_argument_group("adapter")
-group.add_argument("--method", choices=["codyra", "lora", "full"], default="codyra",
-                   help="codyra: LoRA with proximal rank selection; lora: the same adapters "
-                        "without it; full: full fine-tuning")
+group.add_argument("--method", choices=["codyra", "lora", "full"], default="codyra", help="codyra:"
+                   " LoRA with rank selection; lora: without it; full: full fine-tuning")
 group.add_argument("--rank", type=int, default=16, help="LoRA rank r per adapted matrix")
 group.add_argument("--encoders", choices=["vision", "text", "both"], default="both",
                    help="encoders to adapt")
@@ -65,10 +61,9 @@ group.add_argument("--batch-size", type=int, help="images per step; " + recipe_h
 group.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 in every task; "
                    + recipe_help("lr") + "; --method full: " + recipe_help("lr_full")[9:])
 group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-groups["system"].add_argument("--resume", action="store_true",
-                              help="continue the run in --out from its last finished task")
-groups["system"].add_argument("--plot", action="store_true",
-                              help="write PNG figures into --out after each task (matplotlib)")
+group = groups["system"]
+group.add_argument("--resume", action="store_true", help="continue the run in --out")
+group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
 evaluation.check_arguments(p, args)
 recipe = RECIPES[args.setting]
@@ -79,10 +74,8 @@ if args.lr is None:
     args.lr = recipe["lr_full" if args.method == "full" else "lr"]
 if min(args.shots, args.rank, args.iterations, args.batch_size) < 1:
     p.error("--shots, --rank, --iterations and --batch-size must be >= 1")
-if not 0 <= args.dense_ratio <= 1:
-    p.error(f"--dense-ratio must lie in [0, 1], got {args.dense_ratio}")
-if args.kappa_max < 0 or args.lr <= 0:
-    p.error("--kappa-max must be >= 0 and --lr > 0")
+if not (0 <= args.dense_ratio <= 1 and args.kappa_max >= 0 and args.lr > 0):
+    p.error("--dense-ratio must lie in [0, 1], --kappa-max be >= 0 and --lr > 0")
 try:
     placement = codyra.clip_placement(args.encoders, tuple(args.layers.split(",")))
 except ValueError as e:
@@ -106,11 +99,19 @@ autocast = evaluation.autocast(device)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
 tasks, model = evaluation.load_setting(args, args.shots)
 pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every task's drift
-if args.resume:
-    model = evaluation.load_model(args.setting, ckpt_path).to(device)
-if args.compile:
-    evaluation.compile_encoders(model)
-names = [t.name for t in tasks]
+results = {"setting": args.setting, "datasets": [t.name for t in tasks], "acc": [],
+           "analysis": [], "seconds": [], "args": vars(args)}
+if args.resume:  # the weights and results of the finished tasks
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    changed = [k for k, v in saved["results"]["args"].items()
+               if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
+    if changed:  # a resumed run must be the same experiment; only how it runs may change
+        p.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
+                f"the run in {args.out}; pass the same values, or start a new run elsewhere")
+    model.load_state_dict(saved["model"])
+    results.update({k: saved["results"][k] for k in ("acc", "analysis", "seconds")})
+    print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
+names = results["datasets"]
 os.makedirs(args.out, exist_ok=True)
 
 # -----------------------------------------------------------------------------
@@ -118,8 +119,7 @@ os.makedirs(args.out, exist_ok=True)
 
 
 def batches(images, seed):
-    """Endless shuffled batches; the order depends only on (seed, task), never on what ran
-    before."""
+    """Endless shuffled batches, in an order that depends on (seed, task) alone."""
     loader = torch.utils.data.DataLoader(
         images, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
         generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
@@ -147,7 +147,7 @@ def train_task(t, task, earlier_text):
     tokens = clip_model.tokenize(prompts).to(device)
     stream = batches(task.train, args.seed + 1000 * t)
     model.train()
-    began, shown, tau = time.time(), 0.0, 0.0
+    began, tau = time.time(), 0.0
     for it in range(args.iterations):
         images, labels = next(stream)
         images = clip_model.normalize(images.to(device, non_blocking=True))  # (B, 3, R, R)
@@ -163,18 +163,12 @@ def train_task(t, task, earlier_text):
         if args.method == "codyra":  # Eq. 7: proximal step on every g, right after the optimizer
             tau = codyra.threshold_schedule(it, args.iterations, args.dense_ratio, args.kappa_max)
             codyra.proximal_step(model, tau)
-        now = time.time()
-        if now - shown > (1 if sys.stdout.isatty() else 30) or it == args.iterations - 1:
-            shown = now
-            ranks = codyra.rank_stats(model)
+        if (it + 1) % max(1, args.iterations // 5) == 0:  # five progress lines per task
+            ranks, seconds = codyra.rank_stats(model), time.time() - began
             rank = f"ranks {sum(ranks.values()) / len(ranks):.1f}/{args.rank} | " if ranks else ""
-            speed = (it + 1) * args.batch_size / (now - began)
-            left = (args.iterations - it - 1) * (now - began) / (it + 1)
-            print(f"\rtask {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
-                  f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}{speed:.0f} img/s | "
-                  f"{left:.0f}s left ", end="" if sys.stdout.isatty() else "\n", flush=True)
-    if sys.stdout.isatty():
-        print()
+            print(f"task {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
+                  f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}"
+                  f"{(it + 1) * args.batch_size / seconds:.0f} img/s", flush=True)
     report = analysis.task_report(model, start, pretrained)  # needs the adapters: before merge
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
     return report
@@ -182,18 +176,6 @@ def train_task(t, task, earlier_text):
 # -----------------------------------------------------------------------------
 # the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
 
-
-results = {"setting": args.setting, "datasets": names, "acc": [], "analysis": [], "seconds": [],
-           "args": vars(args)}
-if args.resume:
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["results"]
-    changed = [k for k, v in saved["args"].items()
-               if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
-    if changed:  # a resumed run must be the same experiment; only how it runs may change
-        p.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
-                f"the run in {args.out}; pass the same values, or start a new run elsewhere")
-    results.update(acc=saved["acc"], analysis=saved["analysis"], seconds=saved["seconds"])
-    print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
 for t in range(len(results["acc"]), len(tasks)):
     task, began = tasks[t], time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)

@@ -27,8 +27,10 @@ def reference_pair(cfg, seed=0):
                    vision_cfg=CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
                                             patch_size=cfg["vision_patch_size"],
                                             image_size=cfg["image_resolution"]),
-                   text_cfg=CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
-                                        width=cfg["transformer_width"], heads=cfg["transformer_heads"],
+                   text_cfg=CLIPTextCfg(context_length=cfg["context_length"],
+                                        vocab_size=cfg["vocab_size"],
+                                        width=cfg["transformer_width"],
+                                        heads=cfg["transformer_heads"],
                                         layers=cfg["transformer_layers"])).eval()
     sd = ref.state_dict()  # open_clip's ViT keeps OpenAI's key names (packed in_proj included)
     with torch.no_grad():  # its init leaves biases at 0 and LayerNorms at 1: perturb every vector
@@ -46,7 +48,8 @@ def assert_same_outputs(ours, ref, images, tokens):
     with torch.no_grad():
         assert rel_err(ours.encode_image(images), ref.encode_image(images)) < 1e-5
         assert rel_err(ours.encode_text(tokens), ref.encode_text(tokens)) < 1e-5
-        img, txt, scale = ref(images, tokens)  # open_clip returns normalised features and exp(logit_scale)
+        # open_clip returns normalised features and exp(logit_scale)
+        img, txt, scale = ref(images, tokens)
         assert rel_err(ours(images, tokens), scale * img @ txt.T) < 1e-5
 
 
@@ -83,22 +86,27 @@ def test_vit_b16_parameter_count(b16):
 
 
 def test_attention_is_four_linears(tiny):
-    """Every attention and MLP weight is a plain nn.Linear under the contract's names (what adapters wrap)."""
+    """Every attention and MLP weight is a plain nn.Linear under the contract's names (what
+    adapters wrap)."""
     names = {n for n, m in tiny[2].named_modules() if isinstance(m, nn.Linear)}
     for tower, layers in (("visual.transformer", 3), ("transformer", 3)):
         for i in range(layers):
-            for leaf in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
+            for leaf in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
+                         "mlp.c_fc", "mlp.c_proj"):
                 names.remove(f"{tower}.resblocks.{i}.{leaf}")
-    assert names == set() and not any(isinstance(m, nn.MultiheadAttention) for m in tiny[2].modules())
+    assert names == set() and not any(isinstance(m, nn.MultiheadAttention)
+                                      for m in tiny[2].modules())
 
 
 def test_cutting_text_changes_no_feature(tiny):
-    """Text features are the same whether the batch is cut to its longest prompt or run at full length."""
+    """Text features are the same whether the batch is cut to its longest prompt or run at full
+    length."""
     ours = tiny[2]
     full = clip_model.tokenize("x " * 100, truncate=True)  # a 77-token prompt: nothing can be cut
     tokens = clip_model.tokenize(PROMPTS)
     with torch.no_grad():
-        cut, uncut = ours.encode_text(tokens), ours.encode_text(torch.cat([tokens, full]))[:len(PROMPTS)]
+        cut, uncut = (ours.encode_text(tokens),
+                      ours.encode_text(torch.cat([tokens, full]))[:len(PROMPTS)])
     assert rel_err(cut, uncut) < 1e-6
 
 # -----------------------------------------------------------------------------
@@ -106,9 +114,11 @@ def test_cutting_text_changes_no_feature(tiny):
 
 
 def write_openai_archive(sd, path):
-    """Write `sd` as OpenAI does: a TorchScript archive, fp16 weights, three extra integer entries."""
+    """Write `sd` as OpenAI does: a TorchScript archive, fp16 weights, three extra integer
+    entries."""
     sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
+              vocab_size=torch.tensor(49408))
     root = Holder()
     for key, value in sd.items():
         *parents, leaf = key.split(".")
@@ -119,7 +129,8 @@ def write_openai_archive(sd, path):
             module = getattr(module, name)
         module.register_buffer(leaf, value)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, OpenAI's files still use it
+        # TorchScript is deprecated, OpenAI's files still use it
+        warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(root), path)
     return sd
 
@@ -135,20 +146,24 @@ def assert_same_state(a, b):
 
 
 def test_openai_archive_loads_like_the_state_dict(tiny, tmp_path):
-    """OpenAI's format (TorchScript, fp16, extra integer entries) loads to the model its state dict gives."""
+    """OpenAI's format (TorchScript, fp16, extra integer entries) loads to the model its state
+    dict gives."""
     sd16 = write_openai_archive(tiny[1], tmp_path / "ViT-tiny.pt")
     torch.save(sd16, tmp_path / "plain.pt")
     from_archive = clip_model.load(str(tmp_path / "ViT-tiny.pt"))
     from_plain = clip_model.load(str(tmp_path / "plain.pt"))
     assert_same_state(from_archive, from_plain)
     assert_same_state(from_archive, clip_model.build_model(sd16))
-    assert not from_archive.training and all(p.dtype == torch.float32 for p in from_archive.parameters())
+    assert not from_archive.training and all(p.dtype == torch.float32
+                                             for p in from_archive.parameters())
 
 
 def test_project_checkpoints_round_trip(tiny, tmp_path):
-    """A state dict of this project (q/k/v split), bare or under "model", loads back to the same model."""
+    """A state dict of this project (q/k/v split), bare or under "model", loads back to the same
+    model."""
     torch.save(tiny[2].state_dict(), tmp_path / "bare.pt")
-    torch.save({"model": tiny[2].state_dict(), "task": 3, "results": {"acc": [[1.0]]}}, tmp_path / "ckpt.pt")
+    torch.save({"model": tiny[2].state_dict(), "task": 3, "results": {"acc": [[1.0]]}},
+               tmp_path / "ckpt.pt")
     assert_same_state(clip_model.load(str(tmp_path / "bare.pt")), tiny[2])
     assert_same_state(clip_model.load(str(tmp_path / "ckpt.pt")), tiny[2])
 
@@ -174,16 +189,20 @@ def one_line_error(call, *words):
 
 
 def test_wrong_sha256_leaves_no_file(tmp_path, monkeypatch):
-    """A download whose sha256 differs from the URL's raises one line and leaves nothing in the cache."""
+    """A download whose sha256 differs from the URL's raises one line and leaves nothing in the
+    cache."""
     (tmp_path / "weights.pt").write_bytes(b"not the weights")
-    monkeypatch.setitem(clip_model.MODELS, "tiny", f"file://{tmp_path}/weights.pt#/{'0' * 64}/tiny.pt")
+    monkeypatch.setitem(clip_model.MODELS, "tiny",
+                        f"file://{tmp_path}/weights.pt#/{'0' * 64}/tiny.pt")
     one_line_error(lambda: clip_model.load("tiny", download_root=str(tmp_path / "cache")), "sha256")
     assert os.listdir(tmp_path / "cache") == []
 
 
 def test_offline_download(tmp_path, monkeypatch):
-    """A download that cannot reach its URL raises one line that says where to put the file by hand."""
-    monkeypatch.setitem(clip_model.MODELS, "tiny", f"file://{tmp_path}/nowhere.pt#/{'0' * 64}/tiny.pt")
+    """A download that cannot reach its URL raises one line that says where to put the file by
+    hand."""
+    monkeypatch.setitem(clip_model.MODELS, "tiny",
+                        f"file://{tmp_path}/nowhere.pt#/{'0' * 64}/tiny.pt")
     one_line_error(lambda: clip_model.load("tiny", download_root=str(tmp_path / "cache")),
                    "could not download", str(tmp_path / "cache" / "tiny.pt"))
 
@@ -203,13 +222,15 @@ def test_non_clip_files(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     one_line_error(lambda: clip_model.load(str(tmp_path / "notes.txt")), "neither")
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
-    one_line_error(lambda: clip_model.load(str(tmp_path / "linear.pt")), "missing", "visual.conv1.weight")
+    one_line_error(lambda: clip_model.load(str(tmp_path / "linear.pt")), "missing",
+                   "visual.conv1.weight")
     one_line_error(lambda: clip_model.load("ViT-B/17"), "ViT-B/16")
 
 
 def test_resnet_checkpoint_is_refused():
     """A ResNet CLIP state dict is refused with one line naming the ViT models."""
-    sd = {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "text_projection": torch.zeros(512, 1024)}
+    sd = {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+          "text_projection": torch.zeros(512, 1024)}
     one_line_error(lambda: clip_model.build_model(sd), "ResNet", "ViT-B/16")
 
 
@@ -226,8 +247,9 @@ GOLDEN = {  # SPEC section 2, from OpenAI's tokenizer
     "a diagram": [49406, 320, 22697, 49407],
     "a photo of a dog.": [49406, 320, 1125, 539, 320, 1929, 269, 49407],
     'a photo of the number: "7".': [49406, 320, 1125, 539, 518, 2842, 281, 257, 278, 2811, 49407],
-    "a photo of a 707-320, a type of aircraft.": [49406, 320, 1125, 539, 320, 278, 271, 278, 268, 274, 273, 271,
-                                                  267, 320, 3877, 539, 7706, 269, 49407],
+    "a photo of a 707-320, a type of aircraft.": [49406, 320, 1125, 539, 320, 278, 271, 278, 268,
+                                                  274, 273, 271, 267, 320, 3877, 539, 7706, 269,
+                                                  49407],
     "Hello  World!!  &amp; café": [49406, 3306, 1002, 748, 261, 15304, 49407],
     "it's 2024": [49406, 585, 568, 273, 271, 273, 275, 49407],
 }
@@ -246,14 +268,16 @@ def reference_prompts():
     with a few awkward names."""
     ref = json.load(open(os.path.join(ROOT, "assets", "classnames_templates.json")))
     mtil, xtail = ref["mtil"], ref["xtail"]
-    prompts, templates = [], [t for d in mtil.values() if isinstance(d, dict) for t in d["templates"]]
+    prompts, templates = [], [t for d in mtil.values() if isinstance(d, dict)
+                              for t in d["templates"]]
     for name, d in mtil.items():
         if isinstance(d, dict) and "classnames" in d:
             suffix = xtail[name].get("classname_suffix", "")
             prompts += [t.format(c) for c in d["classnames"] for t in d["templates"]]
             prompts += [xtail[name]["template"].format(c + suffix) for c in d["classnames"]]
     templates += [d["template"] for d in xtail.values() if isinstance(d, dict)]
-    return prompts + [t.format(c) for t in templates for c in ("São Paulo", "7 - seven", "black-and-white cat")]
+    return prompts + [t.format(c) for t in templates
+                      for c in ("São Paulo", "7 - seven", "black-and-white cat")]
 
 
 def test_class_prompts_match_open_clip():
@@ -264,14 +288,16 @@ def test_class_prompts_match_open_clip():
 
 
 def test_truncation():
-    """Too long a prompt raises one line, unless truncate=True: then 77 ids ending in the end token."""
+    """Too long a prompt raises one line, unless truncate=True: then 77 ids ending in the end
+    token."""
     text = "a photo of " + "a very " * 60 + "big dog."
     with pytest.raises(ValueError) as info:
         clip_model.tokenize(text)
     assert "\n" not in str(info.value) and "truncate=True" in str(info.value)
     cut = clip_model.tokenize(text, truncate=True)
     assert cut.shape == (1, 77) and cut[0, -1].item() == 49407
-    assert torch.equal(cut, open_clip.tokenize([text]).long())  # open_clip always truncates this way
+    # open_clip always truncates this way
+    assert torch.equal(cut, open_clip.tokenize([text]).long())
     assert clip_model.tokenize("a diagram", context_length=4).tolist() == [GOLDEN["a diagram"]]
 
 

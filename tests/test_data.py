@@ -31,7 +31,8 @@ FAKE_CLASSES = {
     "food": ["apple_pie", "baby_back_ribs", "baklava"],
     "pets": ["Abyssinian", "american_bulldog", "american_pit_bull_terrier"],
     "cars": [("AM General Hummer SUV 2000", "2000 AM General Hummer SUV"),
-             ("Acura RL Sedan 2012", "2012 Acura RL Sedan"), ("Acura TL Sedan 2012", "2012 Acura TL Sedan")],
+             ("Acura RL Sedan 2012", "2012 Acura RL Sedan"),
+             ("Acura TL Sedan 2012", "2012 Acura TL Sedan")],
     "sun397": [("a/abbey", "abbey"), ("a/apartment_building/outdoor", "outdoor apartment building"),
                ("b/bakery/shop", "shop bakery")],
 }
@@ -85,7 +86,8 @@ def _idx(array):
 
 
 def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
-    """Write a tiny copy of every dataset of `setting` ("mtil": torchvision, "xtail": CoOp) under root.
+    """Write a tiny copy of every dataset of `setting` ("mtil": torchvision, "xtail": CoOp) under
+    root.
 
     Each class gets images_per_class train and images_per_class test images (the 80/20 datasets
     get 2 * images_per_class in all); MNIST uses labels 0..classes_per_dataset-1 of its 10.
@@ -100,10 +102,12 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
         for n in names:
             _touch(folder / n, jpg)
 
-    def coop_split(folder, split_file, image_dir, rel):  # rel(split, c, i) -> path under image_dir
-        items = {s: [[rel(s, c, i), c, raw[c][1]] for c in range(C) for i in range(K)] for s in splits}
+    def coop_split(folder, split_file, image_dir, rel):  # rel(split, c, i) -> path in image_dir
+        items = {s: [[rel(s, c, i), c, raw[c][1]] for c in range(C) for i in range(K)]
+                 for s in splits}
         images(folder / image_dir, [it[0] for s in splits for it in items[s]])
-        _touch(folder / split_file, json.dumps({"train": items["train"], "val": [], "test": items["test"]}))
+        _touch(folder / split_file,
+               json.dumps({"train": items["train"], "val": [], "test": items["test"]}))
 
     for name in data.BENCHMARKS[setting]["datasets"]:
         raw = FAKE_CLASSES.get(name, [])[:C]
@@ -112,7 +116,8 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
             _touch(d / "variants.txt", "".join(v + "\n" for v in raw))
             for s in splits:
                 ids = [f"{s}{c}{i}" for c in range(C) for i in range(K)]
-                _touch(d / f"images_variant_{s}.txt", "".join(f"{x} {raw[int(x[-2])]}\n" for x in ids))
+                _touch(d / f"images_variant_{s}.txt",
+                       "".join(f"{x} {raw[int(x[-2])]}\n" for x in ids))
                 images(d / "images", [f"{x}.jpg" for x in ids])
         elif name == "mnist":
             for s, prefix in zip(splits, ("train", "t10k")):
@@ -150,26 +155,32 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
             _touch(d / "meta", pickle.dumps({"fine_label_names": raw, "coarse_label_names": ["x"]}))
             for s in splits:
                 _touch(d / s, pickle.dumps({"data": np.zeros((C * K, 3072), np.uint8),
-                                            "fine_labels": [c for c in range(C) for _ in range(K)]}))
+                                            "fine_labels": [c for c in range(C)
+                                                            for _ in range(K)]}))
         elif name == "dtd":
             d = root / "dtd/dtd"
             for s in splits:
-                rows = [f"{t}/{t}_{s}{i}.jpg" for t in reversed(raw) for i in range(K)]  # file order != label order
+                # file order != label order
+                rows = [f"{t}/{t}_{s}{i}.jpg" for t in reversed(raw) for i in range(K)]
                 _touch(d / "labels" / f"{s}1.txt", "".join(r + "\n" for r in rows))
                 images(d / "images", rows)
         elif name == "eurosat":
             for folder, _ in raw:
-                images(root / "eurosat/2750" / folder, [f"{folder}_{i + 1}.jpg" for i in range(2 * K)])
+                images(root / "eurosat/2750" / folder,
+                       [f"{folder}_{i + 1}.jpg" for i in range(2 * K)])
         elif name == "flowers":
             d = root / "flowers-102"
             n = 2 * C * K  # image c*2K + j has class c; the first K of a class are train
-            ids = {s: [c * 2 * K + (s == "test") * K + i + 1 for c in range(C) for i in range(K)] for s in splits}
+            ids = {s: [c * 2 * K + (s == "test") * K + i + 1 for c in range(C) for i in range(K)]
+                   for s in splits}
             d.mkdir(parents=True)
             scipy.io.savemat(d / "imagelabels.mat",
-                             {"labels": np.repeat(np.arange(1, C + 1), 2 * K)[None].astype(np.uint8)})
-            scipy.io.savemat(d / "setid.mat", {"trnid": np.array([ids["train"]], np.uint16),
-                                               "valid": np.array([[n + 1]], np.uint16),
-                                               "tstid": np.array([ids["test"]], np.uint16)})
+                             {"labels": np.repeat(np.arange(1, C + 1),
+                                                  2 * K)[None].astype(np.uint8)})
+            scipy.io.savemat(d / "setid.mat",
+                             {"trnid": np.array([ids["train"]], np.uint16),
+                              "valid": np.array([[n + 1]], np.uint16),
+                              "tstid": np.array([ids["test"]], np.uint16)})
             images(d / "jpg", [f"image_{i:05d}.jpg" for s in splits for i in ids[s]])
         elif name == "food":
             d = root / "food-101"
@@ -181,17 +192,21 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
             d = root / "oxford-iiit-pet"
             for s, f in zip(splits, ("trainval", "test")):
                 rows = [(f"{raw[c]}_{s}{i}", c) for c in range(C) for i in range(K)]
-                _touch(d / "annotations" / f"{f}.txt", "".join(f"{x} {c + 1} {1 + (c > 0)} 1\n" for x, c in rows))
+                _touch(d / "annotations" / f"{f}.txt",
+                       "".join(f"{x} {c + 1} {1 + (c > 0)} 1\n" for x, c in rows))
                 images(d / "images", [f"{x}.jpg" for x, _ in rows])
         elif name == "cars":
             d = root / "stanford_cars"
             (d / "devkit").mkdir(parents=True)
             scipy.io.savemat(d / "devkit/cars_meta.mat",
                              {"class_names": np.array([[r for r, _ in raw]], dtype=object)})
-            for s, mat in zip(splits, ("devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat")):
-                annos = np.zeros((1, C * K), dtype=[("bbox_x1", "O"), ("class", "O"), ("fname", "O")])
+            for s, mat in zip(splits, ("devkit/cars_train_annos.mat",
+                                       "cars_test_annos_withlabels.mat")):
+                annos = np.zeros((1, C * K),
+                                 dtype=[("bbox_x1", "O"), ("class", "O"), ("fname", "O")])
                 for j in range(C * K):
-                    annos[0, j] = (np.array([[1]]), np.array([[j // K + 1]], np.uint8), f"{j + 1:05d}.jpg")
+                    annos[0, j] = (np.array([[1]]), np.array([[j // K + 1]], np.uint8),
+                                   f"{j + 1:05d}.jpg")
                 scipy.io.savemat(d / mat, {"annotations": annos})
                 images(d / f"cars_{s}", [f"{j + 1:05d}.jpg" for j in range(C * K)])
         elif name == "sun397":
@@ -217,7 +232,8 @@ def xtail_root(tmp_path_factory):
 
 @pytest.mark.parametrize("setting", ["mtil", "xtail"])
 def test_every_dataset_loads_with_names_counts_and_split_sizes(setting, request):
-    """Both layouts give every dataset in order with its class names, templates, labels and sizes."""
+    """Both layouts give every dataset in order with its class names, templates, labels and
+    sizes."""
     root = request.getfixturevalue(f"{setting}_root")
     tasks = data.load_tasks(setting, root, shots=None)
     assert [t.name for t in tasks] == list(data.BENCHMARKS[setting]["datasets"])
@@ -239,7 +255,8 @@ def test_every_dataset_loads_with_names_counts_and_split_sizes(setting, request)
 def test_labels_follow_the_class_not_the_file_order(mtil_root):
     """Each image's label is its own class's index, whatever order the split file lists it in."""
     tasks = {t.name: t for t in data.load_tasks("mtil", mtil_root, shots=None)}
-    for name, folder_of in [("dtd", lambda p: p.split("/")[-2]), ("food", lambda p: p.split("/")[-2]),
+    for name, folder_of in [("dtd", lambda p: p.split("/")[-2]),
+                            ("food", lambda p: p.split("/")[-2]),
                             ("caltech101", lambda p: p.split("/")[-2])]:
         raw = [r if isinstance(r, str) else r[0] for r in FAKE_CLASSES[name]]
         for path, label in zip(tasks[name].train.images, tasks[name].train.labels):
@@ -249,7 +266,8 @@ def test_labels_follow_the_class_not_the_file_order(mtil_root):
 
 def test_items_decode_to_transformed_rgb(xtail_root):
     """__getitem__ gives (transform(PIL RGB image), label) for file and array datasets alike."""
-    tasks = {t.name: t for t in data.load_tasks("xtail", xtail_root, shots=None, datasets=["mnist", "pets"])}
+    tasks = {t.name: t for t in data.load_tasks("xtail", xtail_root, shots=None,
+                                                datasets=["mnist", "pets"])}
     for t in tasks.values():
         img, label = t.test[0]
         assert img.mode == "RGB" and label == t.test.labels[0]
@@ -260,7 +278,8 @@ def test_items_decode_to_transformed_rgb(xtail_root):
 
 
 def test_coop_folder_name_variants(tmp_path):
-    """CoOp data also loads from torchvision-style folder names (caltech101/, dtd/dtd/, oxford-iiit-pet/)."""
+    """CoOp data also loads from torchvision-style folder names (caltech101/, dtd/dtd/,
+    oxford-iiit-pet/)."""
     root = write_fake_layout(tmp_path, "xtail")
     (root / "caltech-101").rename(root / "caltech101")
     (root / "dtd").rename(root / "dtd_tmp")
@@ -268,7 +287,8 @@ def test_coop_folder_name_variants(tmp_path):
     (root / "dtd_tmp").rename(root / "dtd/dtd")
     (root / "oxford_pets").rename(root / "oxford-iiit-pet")
     tasks = data.load_tasks("xtail", root, shots=None, datasets=["caltech101", "dtd", "pets"])
-    assert [t.classnames for t in tasks] == [EXPECTED["xtail"][n] for n in ("caltech101", "dtd", "pets")]
+    assert [t.classnames for t in tasks] == [EXPECTED["xtail"][n]
+                                             for n in ("caltech101", "dtd", "pets")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +304,11 @@ def test_80_20_split_is_zscl_random_split_seed_42(mtil_root):
         generator=torch.Generator().manual_seed(42))
     task = data.load_tasks("mtil", mtil_root, shots=None, datasets=["caltech101"])[0]
     assert task.train.images == list(train) and task.test.images == list(test)
-    assert data.split_80_20(1000)[0][:5] == torch.randperm(1000, generator=torch.Generator().manual_seed(42))[:5].tolist()
+    paths = [str(i) for i in range(1000)]
+    train, test = data.split_80_20(paths, [0] * 1000)
+    assert train.images[:5] == [str(i) for i in torch.randperm(
+        1000, generator=torch.Generator().manual_seed(42))[:5].tolist()]
+    assert len(train) == 800 and sorted(train.images + test.images) == sorted(paths)
 
 
 def test_sun397_split_does_not_depend_on_filesystem_order(mtil_root, monkeypatch):
@@ -297,7 +321,8 @@ def test_sun397_split_does_not_depend_on_filesystem_order(mtil_root, monkeypatch
 
 
 def test_few_shot_same_seed_any_build_order(tmp_path):
-    """A dataset's few-shot subset is the same whatever was built (or drew random numbers) before it."""
+    """A dataset's few-shot subset is the same whatever was built (or drew random numbers) before
+    it."""
     root = write_fake_layout(tmp_path, "xtail", images_per_class=5)
     names = list(data.BENCHMARKS["xtail"]["datasets"])
     forward = {t.name: t.train.images for t in data.load_tasks("xtail", root, shots=2, seed=3)}
@@ -305,7 +330,8 @@ def test_few_shot_same_seed_any_build_order(tmp_path):
     backward = {t.name: t.train.images for t in data.load_tasks("xtail", root, shots=2, seed=3,
                                                                    datasets=names[::-1])}
     single = data.load_tasks("xtail", root, shots=2, seed=3, datasets=["sun397"])[0].train.images
-    assert all(forward[n] == backward[n] for n in names if n != "mnist") and forward["sun397"] == single
+    assert (all(forward[n] == backward[n] for n in names if n != "mnist")
+            and forward["sun397"] == single)
     assert np.array_equal(forward["mnist"], backward["mnist"])
     assert all(len(forward[n]) == 2 * 3 for n in names)
 
@@ -319,7 +345,8 @@ def test_few_shot_seed_and_name_change_the_subset():
 
 
 def test_few_shot_k_per_class_replacement_only_when_short():
-    """k indices per class, all distinct when the class has k, with repeats only when it has fewer."""
+    """k indices per class, all distinct when the class has k, with repeats only when it has
+    fewer."""
     labels = [0] * 10 + [1] * 3 + [2] * 5
     picked = data.few_shot(labels, 5, 0, "x")
     by_class = {c: [i for i in picked if labels[i] == c] for c in range(3)}
@@ -343,7 +370,8 @@ def test_union_offsets_follow_task_order(xtail_root):
 def test_union_of_real_class_counts_is_1100():
     """With the real class counts, X-TAIL's union has 1,100 classes and sun397 starts at 703."""
     counts = {n: c for n, (c, _) in data.BENCHMARKS["xtail"]["datasets"].items()}
-    tasks = [data.Task(n, ["c"] * counts[n], [], None, None) for n in data.BENCHMARKS["xtail"]["datasets"]]
+    tasks = [data.Task(n, ["c"] * counts[n], [], None, None)
+             for n in data.BENCHMARKS["xtail"]["datasets"]]
     offsets = data.union_offsets(tasks)
     assert offsets[-1] + counts["sun397"] == 1100 and offsets[-1] == 703
     assert sum(c for c, _ in data.BENCHMARKS["mtil"]["datasets"].values()) == 1201
@@ -353,7 +381,8 @@ def test_union_of_real_class_counts_is_1100():
 # Must show 4: one-line errors, before anything is read or trained
 
 def test_missing_dataset_one_line_error_before_reading_any(tmp_path, monkeypatch):
-    """A missing dataset (the last of the run) is named in one line before any dataset is indexed."""
+    """A missing dataset (the last of the run) is named in one line before any dataset is
+    indexed."""
     root = write_fake_layout(tmp_path, "mtil")
     for folder in ("stanford_cars", "SUN397"):
         for p in sorted((root / folder).rglob("*"), reverse=True):
@@ -380,7 +409,8 @@ def test_missing_caltech_says_where_to_put_it(tmp_path):
     assert "--download" in msg and "101_ObjectCategories.tar.gz" in msg
 
 
-@pytest.mark.parametrize("content", ['{"train": [["banded/a.jpg", "0"]], "test": []}', '{"train": [', "[]"])
+@pytest.mark.parametrize("content", ['{"train": [["banded/a.jpg", "0"]], "test": []}',
+                                     '{"train": [', "[]"])
 def test_malformed_split_file_one_line_error(tmp_path, content):
     """A malformed CoOp split file gives one line naming the dataset and the file."""
     root = write_fake_layout(tmp_path, "xtail")
@@ -388,7 +418,8 @@ def test_malformed_split_file_one_line_error(tmp_path, content):
     with pytest.raises(data.DataError) as e:
         data.load_tasks("xtail", root)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("dtd: ") and "split_zhou_DescribableTextures.json" in msg
+    assert ("\n" not in msg and msg.startswith("dtd: ")
+            and "split_zhou_DescribableTextures.json" in msg)
 
 
 def test_missing_image_is_reported(tmp_path):
@@ -401,7 +432,9 @@ def test_missing_image_is_reported(tmp_path):
 
 def test_few_shot_is_the_same_in_another_process():
     """The sampler does not depend on Python's per-process string hash salt."""
-    code = "import data; print(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7, 'sun397'))"
+    code = ("import data; "
+            "print(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7, 'sun397'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    assert out.strip() == str(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7, "sun397"))
+    assert out.strip() == str(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7,
+                                            "sun397"))

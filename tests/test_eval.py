@@ -9,7 +9,8 @@ XTAIL_ZERO_SHOT = [23.5, 76.8, 37.3, 36.7, 63.6, 84.0, 46.7, 86.7, 66.1, 63.7]
 @pytest.mark.parametrize("row, paper_transfer, paper_mean", [(MTIL_ZERO_SHOT, 69.4, 65.3),
                                                               (XTAIL_ZERO_SHOT, 62.4, 58.5)])
 def test_metrics_reproduce_paper_zero_shot_rows(row, paper_transfer, paper_mean):
-    """A matrix whose every row is the paper's zero-shot row gives the paper's Transfer, Average, Last."""
+    """A matrix whose every row is the paper's zero-shot row gives the paper's Transfer, Average,
+    Last."""
     m = compute_metrics([row] * len(row))
     assert round(m["transfer"]["mean"], 1) == paper_transfer
     assert round(m["average"]["mean"], 1) == paper_mean
@@ -17,7 +18,8 @@ def test_metrics_reproduce_paper_zero_shot_rows(row, paper_transfer, paper_mean)
 
 
 def test_metrics_on_hand_computed_matrix():
-    """Transfer uses the rows above the diagonal, Average every row, Last the final row; 0.0 counts."""
+    """Transfer uses the rows above the diagonal, Average every row, Last the final row; 0.0
+    counts."""
     acc = [[50.0, 10.0, 0.0],
            [40.0, 80.0, 30.0],
            [20.0, 60.0, 90.0]]
@@ -28,9 +30,11 @@ def test_metrics_on_hand_computed_matrix():
 
 
 def test_metrics_of_a_single_row():
-    """One evaluation (eval.py): Transfer is the mean of columns 2..T, Average and Last the row mean."""
+    """One evaluation (eval.py): Transfer is the mean of columns 2..T, Average and Last the row
+    mean."""
     m = compute_metrics([[0.0, 10.0, 20.0]])
-    assert m["transfer"]["mean"] == 15.0 and m["average"]["mean"] == 10.0 and m["last"]["mean"] == 10.0
+    assert (m["transfer"]["mean"] == 15.0 and m["average"]["mean"] == 10.0
+            and m["last"]["mean"] == 10.0)
 
 
 def test_metrics_of_a_single_dataset():

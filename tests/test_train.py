@@ -49,7 +49,8 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
     """Killing a run after a task and resuming it gives the matrix of a run never interrupted."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(*FAST, "--model", tiny_weights, "--out", str(whole)).returncode == 0
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", tiny_weights, "--out", str(cut)],
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", tiny_weights,
+                             "--out", str(cut)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (cut / "results.json").exists() and proc.poll() is None:
         time.sleep(0.02)
@@ -59,17 +60,19 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
     total = len(json.loads((whole / "results.json").read_text())["acc"])
     assert 1 <= finished < total, "the run was not interrupted mid-sequence"
     other = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume", "--seed", "9")
-    assert other.returncode == 2 and "--seed" in other.stderr, "resuming with another seed must be refused"
+    assert other.returncode == 2 and "--seed" in other.stderr, \
+        "resuming with another seed must be refused"
     out = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume")
     assert out.returncode == 0, out.stderr
-    assert json.loads((cut / "results.json").read_text())["acc"] == json.loads((whole / "results.json").read_text())["acc"]
+    assert (json.loads((cut / "results.json").read_text())["acc"]
+            == json.loads((whole / "results.json").read_text())["acc"])
 
 
 def test_eval_script_writes_one_row(tiny_weights, tmp_path):
     """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--setting", "tiny", "--model", tiny_weights,
-                          "--workers", "0", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--setting", "tiny",
+                          "--model", tiny_weights, "--workers", "0", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["acc"]) == 1 and len(res["acc"][0]) == len(res["datasets"]) >= 5
