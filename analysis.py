@@ -2,20 +2,13 @@
 
     python analysis.py ViT-B/16 out/checkpoint.pt     # what training changed in the weights
 
-For every adapted matrix W0 (d_out, d_in) and its update dW = B diag(g) A of one task:
-    active ranks     k = #{i : g_i != 0}, per module type, layer and encoder   [Fig. 6, App. B.3]
-    update size      ||dW||_F
-    amplification    ||dW||_F / ||U^T W0 V||_F, U (d_out, r), V (d_in, r) the top-r singular
-                     vectors of dW, r its numerical rank unless given  [App. B.2 Eq. 8; LoRA 7.3]
-    drift            ||W_t - W_pre||_F and its ratio to ||W_pre||_F, W_pre the pretrained weight
-    gate survival    |g| at injection against whether the rank survived the task   [SPEC section 1]
-
-Eq. 8 was lost in extraction; as in LoRA 7.3, W0 is the weight dW is added to, r = rank(dW) makes
-the value independent of a basis of dW's null space, dW = 0 has none. Pooled over modules (that of
-the block-diagonal matrix of all dW): sqrt(sum ||dW_m||^2) / sqrt(sum ||U_m^T W0_m V_m||^2).
+Per adapted matrix W0 and one task's update dW = B diag(g) A: active ranks #{i : g_i != 0} per
+module type, layer and encoder [Fig. 6, App. B.3]; ||dW||_F; amplification [App. B.2 Eq. 8]; drift
+||W_t - W_pre||_F from the pretrained weight; |g| at injection against survival [SPEC section 1].
 """
 import argparse
 import importlib.util
+import math
 import sys
 
 import torch
@@ -28,7 +21,6 @@ ENCODERS = tuple(codyra.CLIP_ENCODERS)   # vision, text
 GATE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # bins of |g_init|; the last one is [2, inf)
 
 
-# --- grids of layer x module type, numbers for results.json, snapshots of a model
 def grid(values):
     """{module name: value} -> {encoder: [[value per type in TYPES] per layer]}; None where a
     module is absent. Names outside CLIP's blocks are ignored, and so is an encoder without any."""
@@ -39,11 +31,6 @@ def grid(values):
         rows += [[None] * len(TYPES) for _ in range(block + 1 - len(rows))]
         rows[block][TYPES.index(typ)] = values[n]
     return out
-
-
-def _norm_of_stack(norms):
-    """Frobenius norm of a stack of matrices, from the Frobenius norm of each."""
-    return sum(x * x for x in norms) ** 0.5
 
 
 def _rounded(x, digits=5):
@@ -76,7 +63,6 @@ def snapshot(model, where=None):
     return weights(model, where)
 
 
-# --- the measures, one matrix at a time
 def low_rank_svd(B, A):
     """Thin SVD (U, S, Vh) of dW = B @ A, B (d_out, k), A (k, d_in), without forming dW: with
     reduced QRs B = Q_B R_B and A^T = Q_A R_A and the SVD of the (k, k) core R_B R_A^T = Us S Vs^T,
@@ -89,7 +75,8 @@ def low_rank_svd(B, A):
 
 def amplification(W0, U, S, Vh, r):
     """||dW||_F / ||U_r^T W0 V_r||_F for dW = U diag(S) Vh (S descending), U_r, V_r its top-r
-    singular vectors (App. B.2 Eq. 8); None when dW = 0 or r = 0."""
+    singular vectors; None when dW = 0 or r = 0. As in LoRA 7.3 (Eq. 8 was lost in extraction), W0
+    is the weight dW is added to; r = rank(dW) frees the value of a basis of dW's null space."""
     if r == 0 or len(S) == 0 or S.max() == 0:
         return None
     proj = U[:, :r].T @ (W0.to(U.dtype) @ Vh[:r].T)  # (r, r): W0 seen in dW's own subspaces
@@ -99,9 +86,8 @@ def amplification(W0, U, S, Vh, r):
 def _measures(W0, U, S, Vh, dtype, r, floor=0.0):
     """{"norm", "rank", "r", "amp"} of dW = U diag(S) Vh; rank: #{S > max(max(S) * max(shape) *
     eps(dtype), floor)} (matrix_rank's tolerance, dtype that of dW's data), r: rank unless given."""
-    rank = 0
-    if len(S) and S.max() != 0:
-        rank = int((S > max(float(S.max()) * max(W0.shape) * torch.finfo(dtype).eps, floor)).sum())
+    eps = torch.finfo(dtype).eps
+    rank = int((S > max(float(S.max()) * max(W0.shape) * eps, floor)).sum()) if len(S) else 0
     r = rank if r is None else min(r, len(S))
     return {"norm": float(S.norm()), "rank": rank, "r": r, "amp": amplification(W0, U, S, Vh, r)}
 
@@ -124,7 +110,6 @@ def weight_update(W0, W1, r=None):
     return _measures(W0, U, S, Vh, W0.dtype, r, floor=torch.finfo(W0.dtype).eps * float(W0.norm()))
 
 
-# --- a whole model: one task's report (what train.py stores in results.json), two models compared
 @torch.no_grad()
 def drift(pretrained, model):
     """{name: (||W - W_pre||_F, ||W_pre||_F)} per name in `pretrained`, W as the model uses it."""
@@ -142,8 +127,8 @@ def summarize_drift(d):
                 groups.setdefault((site[0], typ), []).append(n)
     norm, relative = {}, {}
     for (encoder, typ), names in groups.items():
-        a = _norm_of_stack(d[n][0] for n in names)  # of the drift
-        b = _norm_of_stack(d[n][1] for n in names)  # of W_pre
+        a = math.hypot(*(d[n][0] for n in names))  # of the drift, matrices stacked
+        b = math.hypot(*(d[n][1] for n in names))  # of W_pre
         for tree, x in ((norm, a), (relative, a / b if b else None)):
             (tree.setdefault(encoder, {}) if encoder else tree)[typ] = _rounded(x)
     return {"norm": norm, "relative": relative}
@@ -165,24 +150,23 @@ def gate_survival(g_init, g_final, edges=GATE_EDGES):
 
 
 def _summaries(upd):
-    """A report's "update" (||dW||_F) and "amplification" (pooled: see top), from the measures."""
+    """A report's "update" (||dW||_F) and "amplification", pooled as that of the block-diagonal
+    matrix of all dW: sqrt(sum ||dW_m||^2) / sqrt(sum ||U_m^T W0_m V_m||^2), from the measures."""
     proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
-    total = _norm_of_stack(u["norm"] for u in upd.values())
+    total = math.hypot(*(u["norm"] for u in upd.values()))
     return {"update": {"grid": grid({n: _rounded(u["norm"]) for n, u in upd.items()}),
                        "total": _rounded(total)},
             "amplification": {"grid": grid({n: _rounded(u["amp"]) for n, u in upd.items()}),
-                              "pooled": _rounded(total / _norm_of_stack(proj) if proj else None)}}
+                              "pooled": _rounded(total / math.hypot(*proj) if proj else None)}}
 
 
 def task_report(model, start, pretrained):
     """Everything of one task, JSON-ready; call it before codyra.merge. start: snapshot() at the
     task's start (without adapters, the update is measured against it); pretrained: weights()."""
     adapters = codyra.adapters(model)
-    if adapters:
-        upd = {n: adapter_update(m) for n, m in adapters}
-    else:
-        after = weights(model, lambda n: n in start)
-        upd = {n: weight_update(start[n], after[n]) for n in start}
+    after = None if adapters else weights(model, lambda n: n in start)
+    upd = ({n: adapter_update(m) for n, m in adapters} if adapters
+           else {n: weight_update(start[n], after[n]) for n in start})
     ranks = codyra.rank_stats(model)
     summary, norms = _summaries(upd), [u["norm"] for u in upd.values()]
     by_type = {e: {t: sum(x[i] for x in rows if x[i] is not None) for i, t in enumerate(TYPES)}
@@ -211,7 +195,6 @@ def compare(model_a, model_b, r=None, where=None):
             "drift": summarize_drift({n: (upd[n]["norm"], float(wa[n].norm())) for n in wa})}
 
 
-# --- terminal print, figures (matplotlib is optional), the command line
 def format_grids(grids, spec="", gap="   "):
     """Text heat maps of {encoder: rows} side by side: a row per module type, a column per layer."""
     blocks = []
@@ -248,8 +231,7 @@ def format_comparison(c):
     amp, lines = f"amplification of W_B - W_A against W_A ({r})", []
     for title, key, spec in (("||W_B - W_A||_F", "update", ".3g"),
                              ("rank of W_B - W_A", "rank", ""), (amp, "amplification", ".3g")):
-        lines.append(f"{title}, layer by module type ('-': none)")
-        lines += format_grids(c[key]["grid"], spec)
+        lines += [f"{title}, layer by module type ('-': none)", *format_grids(c[key]["grid"], spec)]
     rel, a = c["drift"]["relative"], c["amplification"]["pooled"]
     lines.append("drift relative to ||W_A||_F (%): " + " | ".join(
         f"{e} " + " ".join(f"{t} {100 * rel[e][t]:.2g}" for t in TYPES if t in rel[e])
@@ -276,8 +258,7 @@ def plot(results, out):
     fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
     im = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for (t, j), a in np.ndenumerate(acc):
-        ax.text(j, t, f"{a:.0f}", ha="center", va="center", fontsize=8,
-                color="w" if a < 60 else "k")
+        ax.text(j, t, f"{a:.0f}", ha="center", va="center", size=8, color="w" if a < 60 else "k")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(yticks=range(len(acc)), yticklabels=done, xlabel="evaluated on", ylabel="after task",
            title="top-1 accuracy (%)")
@@ -302,10 +283,9 @@ def plot(results, out):
     # drift from the pretrained weights after each task, and each task's own update
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     x, rel = range(1, len(reports) + 1), [rep["drift"]["relative"] for rep in reports]
-    for e, style in (("vision", "-"), ("text", "--")):
-        for k, t in enumerate(TYPES):
-            if e in rel[0] and t in rel[0][e]:
-                left.plot(x, [100 * r[e][t] for r in rel], style, color=f"C{k}", label=f"{e} {t}")
+    for e, t in [(e, t) for e in ENCODERS for t in TYPES if t in rel[0].get(e, {})]:
+        left.plot(x, [100 * r[e][t] for r in rel], "--" if e == "text" else "-",
+                  color=f"C{TYPES.index(t)}", label=f"{e} {t}")
     left.plot(x, [100 * r["total"] for r in rel], "k-", lw=2.5, label="all")
     left.set_ylabel("||W_t - W_pre||_F / ||W_pre||_F (%)")
     left.legend(fontsize=7, ncol=2)

@@ -5,18 +5,19 @@ generated images (no data, no download). Prints one table, every row measured in
     python bench.py --model-size tiny      # the tiny world's CLIP shape, seconds
     python bench.py --compile              # adds torch.compile rows, compile time included
 
-plain = what the released code does: fp32, text on all 77 tokens, every test JPEG decoded at
-every evaluation. fast = this project: bf16 autocast on CUDA (fp32 on CPU, as train.py), text
-cut to the longest prompt, test images from the uint8 cache. Peak memory: CUDA, the row's own
-peak (torch.cuda.max_memory_allocated); CPU, the process's peak so far (maxrss, never goes down).
+plain = the released code: fp32, 77-token text, every test JPEG decoded at every evaluation;
+fast = this project: bf16 autocast on CUDA (fp32 on CPU, as train.py), text cut to the longest
+prompt, test images from the uint8 cache. Peak MB: CUDA, the row's own; CPU, the process's so far.
 """
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import resource
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -28,8 +29,7 @@ import codyra
 import data
 import eval as evaluation
 
-p = argparse.ArgumentParser(description="Time training and evaluation, plain path against fast, "
-                                        "on random weights and generated JPEGs.")
+p = argparse.ArgumentParser(description="Time training and evaluation, plain path against fast.")
 p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 p.add_argument("--model-size", choices=list(clip_model.CONFIGS), default="ViT-B/16")
 p.add_argument("--batch-size", type=int, help="images per step and batch (default 64 CUDA, 4 CPU)")
@@ -47,18 +47,18 @@ if min(B, iters, C, N) < 1 or args.workers < 0:
     p.error("--batch-size, --iters, --classes and --test-images must be >= 1, --workers >= 0")
 fast_amp, fast = cuda, "bf16" if cuda else "fp32"  # the fast path's autocast: bf16 on CUDA only
 sync = torch.cuda.synchronize if cuda else (lambda: None)  # wait for the GPU before a clock read
+autocast = functools.partial(torch.autocast, device.type, torch.bfloat16)  # autocast(enabled=...)
+rows = []  # (what, path, items/s, seconds per call, peak MB, plain seconds for the ratio)
 
 # --- model, prompts, a batch of images, a test set of generated JPEGs
 torch.manual_seed(0)
 model = clip_model.CLIP(**clip_model.CONFIGS[args.model_size]).to(device).eval()
 R = model.visual.input_resolution
 words = "red blue green small large round square old new dark".split() * C
-tokens = clip_model.tokenize([f"a photo of a {w}, a type of object." for w in words[:C]])
-tokens = tokens.to(device)
+tokens = clip_model.tokenize([f"a photo of a {w}, a type of object." for w in words[:C]]).to(device)
 L = int(tokens.argmax(-1).max()) + 1
 pixels = torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8, device=device)  # one batch
-tmp = tempfile.mkdtemp(prefix="codyra_bench_")
-rng = np.random.default_rng(0)
+tmp, rng = tempfile.mkdtemp(prefix="codyra_bench_"), np.random.default_rng(0)
 paths = [os.path.join(tmp, f"{i}.jpg") for i in range(N)]
 for path in paths:  # smooth random images compress and decode like photos, not like noise
     small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
@@ -72,41 +72,27 @@ def encode_text_full(m, toks):
     return x[torch.arange(len(x), device=x.device), toks.argmax(-1)] @ m.text_projection
 
 
-@contextlib.contextmanager
 def full_text(m, on=True):
     """Within it, when on, m.encode_text takes the plain path."""
-    if on:
-        m.encode_text = lambda toks: encode_text_full(m, toks)
-    try:
-        yield
-    finally:
-        m.__dict__.pop("encode_text", None)
-
-
-def autocast(on):
-    return torch.autocast(device.type, torch.bfloat16, enabled=on)
+    plain = functools.partial(encode_text_full, m)
+    return mock.patch.object(m, "encode_text", plain) if on else contextlib.nullcontext()
 
 
 def inference(fn, *args, amp=fast_amp, full=False):
     """fn(*args) as a call to time: no autograd, under autocast(amp) and full_text(model, full)."""
     def run():
-        with torch.no_grad(), autocast(amp), full_text(model, full):
+        with torch.no_grad(), autocast(enabled=amp), full_text(model, full):
             return fn(*args)
     return run
 
 
 def peak_mb():
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-rows = []  # (what, path, items/s, seconds per call, peak MB, plain seconds for the ratio)
+    return (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # maxrss: kB on Linux
 
 
 def row(what, path, items, fn, n=iters, plain=None):
-    """Time fn over n calls after one warm-up and add its row; returns its seconds per call (the
-    plain time of the rows below)."""
+    """Time fn over n calls after one warm-up, add its row; returns its seconds per call."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     fn()
@@ -120,6 +106,12 @@ def row(what, path, items, fn, n=iters, plain=None):
     return s
 
 
+def evaluate(images):
+    """The whole evaluate() of one test set, as a call to time."""
+    task = data.Task("bench", [f"class {c}" for c in range(C)], ["{}"], None, images)
+    return lambda: evaluation.evaluate(model, [task], False, device, B, args.workers)
+
+
 # --- training: one CoDyRA step (train.py's loss), rank 16, all placements
 def train_step(m, amp, full):
     params = [q for q in m.parameters() if q.requires_grad]
@@ -127,7 +119,7 @@ def train_step(m, amp, full):
     labels = torch.randint(0, C, (B,), device=device)
 
     def step():
-        with autocast(amp), full_text(m, full):
+        with autocast(enabled=amp), full_text(m, full):
             img = F.normalize(m.encode_image(clip_model.normalize(pixels)).float(), dim=-1)
             txt = F.normalize(m.encode_text(tokens).float(), dim=-1)
         loss = clip_model.contrastive_loss(img, txt, labels, m.logit_scale.exp())
@@ -152,13 +144,7 @@ if args.compile:
         train_step(trainee, fast_amp, False), plain=plain)
 del trainee
 
-
 # --- evaluation: the whole evaluate() of one test set (text features, loader, forward passes)
-def evaluate(images):
-    task = data.Task("bench", [f"class {c}" for c in range(C)], ["{}"], None, images)
-    return lambda: evaluation.evaluate(model, [task], False, device, B, args.workers)
-
-
 plain = row(f"evaluation, {N} JPEGs 500x375", "plain: fp32, 77 tokens, decode", N,
             inference(evaluate(test), amp=False, full=True), n=1)
 start = time.perf_counter()

@@ -1,7 +1,6 @@
 """CLIP with a ViT image encoder, written from scratch so that every weight an adapter may wrap
 is a plain nn.Linear; it loads OpenAI's checkpoints, and its tokenizer gives OpenAI's ids.
 
-Reads bottom-up: tokenizer, preprocessing, leaf modules, CLIP and its loss, then loading.
 Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T tokens per sequence
 (G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size.
 """
@@ -11,7 +10,9 @@ import gzip
 import hashlib
 import html
 import http.client
+import operator
 import os
+import shutil
 import urllib.request
 import warnings
 
@@ -22,36 +23,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BPE_PATH = os.path.join(HERE, "assets", "bpe_simple_vocab_16e6.txt.gz")
-
-# -----------------------------------------------------------------------------
-# tokenizer: byte-level BPE, identical ids to OpenAI's (SPEC section 2)
+BPE_PATH = os.path.abspath(os.path.join(__file__, "..", "assets", "bpe_simple_vocab_16e6.txt.gz"))
 
 
+# --- tokenizer: byte-level BPE, identical ids to OpenAI's (SPEC section 2)
 def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 byte values to printable characters, so that the BPE
-    never sees whitespace or control characters. Its order (printable bytes first) fixes the ids
-    of the first 512 vocabulary entries."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's reversible map from bytes to printable characters (the BPE never sees whitespace or
+    control characters); its order, printable bytes first, fixes the first 512 vocabulary ids."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # "!".."~" "¡".."¬" "®".."ÿ"
     others = [b for b in range(256) if b not in printable]
     chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
     return dict(zip(printable + others, chars))
 
 
 class Tokenizer:
-    """Text -> BPE ids: clean, split into words, map bytes to characters, merge lowest-rank
-    pairs first."""
+    """Text -> BPE ids: clean, split into words, map bytes to characters, merge pairs by rank."""
     SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
     def __init__(self, bpe_path=BPE_PATH):
-        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 0: a header
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:  # its line 0 is a header
+            merges = [tuple(ln.split()) for ln in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
         chars = list(bytes_to_unicode().values())
-        vocab = (chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-                 + [self.SOT, self.EOT])
+        vocab = [*chars, *(c + "</w>" for c in chars), *map("".join, merges), self.SOT, self.EOT]
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
@@ -61,11 +54,6 @@ class Tokenizer:
         self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                      r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
-    @staticmethod
-    def clean(text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))  # some are escaped twice
-        return regex.sub(r"\s+", " ", text).strip().lower()
-
     def bpe(self, word):
         """ids of one pre-token (already byte-mapped); `</w>` marks the end of the word."""
         if word not in self.cache:
@@ -74,27 +62,23 @@ class Tokenizer:
                 best = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, float("inf")))
                 if best not in self.ranks:
                     break
-                merged, i = [], 0
-                while i < len(parts):  # every occurrence of `best`, left to right, no overlap
-                    if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                        merged.append(parts[i] + parts[i + 1])
-                        i += 2
-                    else:
-                        merged.append(parts[i])
-                        i += 1
-                parts = merged
+                i = 0
+                while i < len(parts) - 1:  # every occurrence of `best`, left to right, no overlap
+                    if (parts[i], parts[i + 1]) == best:
+                        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+                    i += 1
             self.cache[word] = [self.encoder[p] for p in parts]
         return self.cache[word]
 
     def encode(self, text):
         """ids of a text, without start and end tokens."""
-        return [i for word in self.pattern.findall(self.clean(text))
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))  # some are escaped twice
+        text = regex.sub(r"\s+", " ", text).strip().lower()
+        return [i for word in self.pattern.findall(text)
                 for i in self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))]
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer():
-    return Tokenizer()
+_tokenizer = functools.cache(Tokenizer)  # built on first use, then shared
 
 
 def tokenize(texts, context_length=77, truncate=False):
@@ -104,59 +88,46 @@ def tokenize(texts, context_length=77, truncate=False):
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
     for n, text in enumerate(texts):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
-        if len(ids) > context_length:
-            if not truncate:
-                raise ValueError(f"{text[:40]!r}... is {len(ids)} tokens, more than the context "
-                                 f"length {context_length}; shorten it or pass truncate=True")
-            ids = ids[:context_length - 1] + [tok.eot]
+        if len(ids) > context_length and not truncate:
+            raise ValueError(f"{text[:40]!r}... is {len(ids)} tokens, more than the context "
+                             f"length {context_length}; shorten it or pass truncate=True")
+        ids = ids if len(ids) <= context_length else ids[:context_length - 1] + [tok.eot]
         out[n, :len(ids)] = torch.tensor(ids)
     return out
 
-# -----------------------------------------------------------------------------
-# image preprocessing (SPEC section 2)
 
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _to_rgb(image):  # a module-level function, not a lambda, so DataLoader workers can pickle it
-    return image.convert("RGB")
+# --- image preprocessing (SPEC section 2)
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def preprocess(train, resolution=224):
-    """PIL image -> (3, R, R) uint8: resize and crop on the CPU, where the file was decoded.
-    Train: the released code's random crop of 90-100% of the area. `normalize` finishes the job
-    on the model's device (a uint8 batch is a quarter of the bytes to copy there)."""
+    """PIL image -> (3, R, R) uint8, cropped on the CPU (train: the released code's random crop of
+    90-100% of the area); `normalize` ends it on the device, a quarter of the bytes to copy."""
     bicubic = transforms.InterpolationMode.BICUBIC
     crop = ([transforms.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)]
             if train else [transforms.Resize(resolution, interpolation=bicubic),
                            transforms.CenterCrop(resolution)])
-    return transforms.Compose(crop + [_to_rgb, transforms.PILToTensor()])
+    to_rgb = operator.methodcaller("convert", "RGB")  # not a lambda: DataLoader workers pickle it
+    return transforms.Compose(crop + [to_rgb, transforms.PILToTensor()])
 
 
 def normalize(images):
     """(B, 3, R, R) uint8 -> float: the arithmetic of torchvision's ToTensor + Normalize."""
-    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (MEAN, STD))
     return images.float().div(255).sub(mean).div(std)
 
-# -----------------------------------------------------------------------------
-# model: leaf modules first
 
-
+# --- model: leaf modules first
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype (OpenAI's CLIP does the same)."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
-                            self.bias.float(), self.eps).to(x.dtype)
+        return super().forward(x.float()).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention written as four nn.Linear (q, k, v, out).
-    NOTE: not nn.MultiheadAttention: it reads its weights directly, so an adapter that replaces
-    out_proj (or the packed in_proj) would silently never run."""
+    """Multi-head self-attention as four nn.Linear (q, k, v, out). NOTE: not nn.MultiheadAttention:
+    it reads its weights directly, so an adapter wrapping out_proj (or in_proj) would never run."""
 
     def __init__(self, width, heads, causal):
         super().__init__()
@@ -207,13 +178,11 @@ class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
         self.input_resolution = input_resolution
-        scale = width ** -0.5
+        scale, grid = width ** -0.5, input_resolution // patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        grid = input_resolution // patch_size
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.ln_pre, self.transformer = LayerNorm(width), Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -221,8 +190,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, G*G, D)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding  # (B, T, D)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+        return self.ln_post(self.transformer(self.ln_pre(x))[:, 0]) @ self.proj  # (B, E)
 
 
 class CLIP(nn.Module):
@@ -230,7 +198,6 @@ class CLIP(nn.Module):
                  context_length, vocab_size, transformer_width, transformer_heads,
                  transformer_layers):
         super().__init__()
-        self.context_length = context_length
         # OpenAI's convention is 64-wide heads; tiny test models narrower than that get one head
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
                                         vision_layers, max(1, vision_width // 64), embed_dim)
@@ -241,13 +208,10 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
-        self.initialize_parameters()
-
-    def initialize_parameters(self):
-        """OpenAI's initialisation, used only when training from scratch (the tiny world)."""
+        # OpenAI's initialisation: what the tiny world trains from scratch (load() replaces it)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=self.ln_final.weight.shape[0] ** -0.5)
+        nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
         for tower in (self.transformer, self.visual.transformer):
             for block in tower.resblocks:
                 width = block.ln_1.weight.shape[0]
@@ -278,21 +242,18 @@ class CLIP(nn.Module):
 
 
 def contrastive_loss(img, txt, labels, scale, earlier=None):
-    """The released code's training loss, ce_i + ce_t. img (B, E) and txt (C, E) normalised
-    features of a batch and of the current task's class prompts, labels (B,) in 0..C-1.
-    ce_i: each image against the current classes. ce_t: each class prompt, the earlier tasks'
-    (P, E) first, against the images; an image of its class is a target (unnormalised
-    probabilities), a class absent from the batch has none but still counts in the mean."""
-    earlier = txt[:0] if earlier is None else earlier
-    ce_i = F.cross_entropy(scale * img @ txt.T, labels)                # image -> current classes
-    classes = torch.cat([earlier, txt])                                # (P + C, E)
+    """The released code's training loss, ce_i + ce_t. img (B, E), txt (C, E): normalised features
+    of a batch and of the current task's class prompts; labels (B,) in 0..C-1. ce_i: each image vs
+    the current classes. ce_t: each class prompt, the earlier tasks' (P, E) first, vs the images,
+    its images the targets (unnormalised); a class absent from the batch counts in the mean too."""
+    earlier = txt[:0] if earlier is None else earlier                    # (P, E)
+    ce_i = F.cross_entropy(scale * img @ txt.T, labels)                 # image -> current classes
+    classes = torch.cat([earlier, txt])                                 # (P + C, E)
     targets = F.one_hot(labels + len(earlier), len(classes)).T.float()  # (P + C, B)
-    return ce_i + F.cross_entropy(scale * classes @ img.T, targets)    # + class -> its images
-
-# -----------------------------------------------------------------------------
-# named configurations, building from a state dict, loading OpenAI's weights
+    return ce_i + F.cross_entropy(scale * classes @ img.T, targets)     # + class -> its images
 
 
+# --- named configurations, building from a state dict, loading OpenAI's weights
 CONFIGS = {  # ViT-B/16: 149,620,737 parameters; tiny: the tiny world's CLIP, 32 px images
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                      vision_patch_size=16, context_length=77, vocab_size=49408,
@@ -300,63 +261,54 @@ CONFIGS = {  # ViT-B/16: 149,620,737 parameters; tiny: the tiny world's CLIP, 32
     # widths are multiples of 64: build_model infers heads = width / 64, so a saved one reloads
     "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128,
                  vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=128,
-                 transformer_heads=2, transformer_layers=3),
-}
+                 transformer_heads=2, transformer_layers=3)}
 MODELS = {  # OpenAI's ViT checkpoints; the second-last segment of each URL is the file's sha256
-    name: f"https://openaipublic.azureedge.net/clip/models/{sha}/"
-          f"{name.replace('/', '-').replace('@', '-')}.pt" for name, sha in [
-              ("ViT-B/32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
-              ("ViT-B/16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
-              ("ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
-              ("ViT-L/14@336px",
-               "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02")]}
+    name: f"https://openaipublic.azureedge.net/clip/models/{sha}/{regex.sub('[/@]', '-', name)}.pt"
+    for name, sha in [
+        ("ViT-B/32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
+        ("ViT-B/16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+        ("ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+        ("ViT-L/14@336px", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02")]}
 
 
 class CLIPLoadError(Exception):
     """Weights could not be loaded; the message is one line that says what to do."""
 
 
-def _count_blocks(sd, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-
 def build_model(state_dict):
-    """A CLIP whose sizes are read off the shapes of an OpenAI state dict (packed attention) or
-    of this project's own (q/k/v split), holding those weights. Heads are width / 64."""
+    """A CLIP sized by and holding an OpenAI state dict (packed q/k/v) or ours (heads: width/64)."""
+    def blocks(prefix):  # how many residual blocks sd (below) has under prefix
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
     sd = {k: v for k, v in state_dict.items()
           if k not in ("input_resolution", "context_length", "vocab_size")}
-    if any(k.startswith("visual.layer1.") for k in sd):
-        raise CLIPLoadError("this is a ResNet CLIP checkpoint; only ViT models are supported: "
-                            f"pass one of {', '.join(MODELS)}")
     for key in [k for k in sd if ".attn.in_proj_" in k]:  # OpenAI packs rows [q; k; v]
         prefix, kind = key.split(".in_proj_")
         for name, part in zip(("q_proj", "k_proj", "v_proj"), sd.pop(key).chunk(3)):
             sd[f"{prefix}.{name}.{kind}"] = part
     try:
-        vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+        width, _, patch, _ = sd["visual.conv1.weight"].shape
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         text_width = sd["ln_final.weight"].shape[0]
         model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
-                     vision_layers=_count_blocks(sd, "visual.transformer.resblocks."),
-                     vision_width=vision_width, vision_patch_size=patch,
-                     context_length=sd["positional_embedding"].shape[0],
+                     vision_layers=blocks("visual.transformer.resblocks."), vision_width=width,
+                     vision_patch_size=patch, context_length=sd["positional_embedding"].shape[0],
                      vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
                      transformer_heads=max(1, text_width // 64),
-                     transformer_layers=_count_blocks(sd, "transformer.resblocks."))
+                     transformer_layers=blocks("transformer.resblocks."))
         model.load_state_dict(sd)
     except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a size mismatch
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         detail = f"missing key {e}" if isinstance(e, KeyError) else next(
             (ln for ln in lines if "size mismatch" in ln or "key(s)" in ln), lines[0])
         raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass an unmodified "
-                            "OpenAI CLIP ViT checkpoint or one saved by this project") from None
+                            f"OpenAI CLIP ViT checkpoint ({', '.join(MODELS)}; ResNets are not "
+                            "supported) or one saved by this project") from None
     return model
 
 
 @contextlib.contextmanager
 def atomic(path):
-    """Yield a temporary name beside `path`, renamed to `path` only when the block finishes: an
-    interrupted write never leaves a half-written file, and the old one stays until then."""
+    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         yield tmp
@@ -366,70 +318,53 @@ def atomic(path):
             os.remove(tmp)
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(url, root):
-    """The verified file in `root`, downloaded first if absent or corrupt."""
+    """The file of `url` in `root`, downloaded unless there already with the sha256 it names."""
+    def sha256(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
     expected, path = url.split("/")[-2], os.path.join(root, os.path.basename(url))
-    if os.path.isfile(path) and _sha256(path) == expected:
+    if os.path.isfile(path) and sha256(path) == expected:
         return path
     os.makedirs(root, exist_ok=True)
     try:
         with atomic(path) as tmp:
             with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    f.write(chunk)
-            if _sha256(tmp) != expected:
-                raise CLIPLoadError(f"{url} downloaded with sha256 {_sha256(tmp)[:12]}..., "
-                                    f"expected {expected[:12]}...; try again, or download it by "
-                                    f"hand to {path}")
+                shutil.copyfileobj(response, f, 1 << 20)
+            if sha256(tmp) != expected:  # a corrupt transfer fails like a cut one
+                raise OSError(f"its sha256 is not {expected[:12]}...")
     except (OSError, http.client.HTTPException) as e:  # offline, timeouts, a cut, a full disk
         reason = str(getattr(e, "reason", e)).replace("\n", " ")
-        raise CLIPLoadError(f"could not download {url} ({reason}); connect to the internet and "
+        raise CLIPLoadError(f"could not download {url} ({reason}); check the connection and "
                             f"retry, or download it by hand to {path}") from None
     return path
-
-
-def _read_state_dict(path):
-    """The state dict in a TorchScript archive (OpenAI's format), a state-dict file, or a
-    checkpoint of this project ({"model": state_dict, ...})."""
-    try:
-        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript; OpenAI's files are it
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:  # not a TorchScript archive: try a plain file below
-        pass
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # NOTE: torch's own message here is many lines about weights_only; its type says enough
-        raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, or "
-                            f"it is truncated ({type(e).__name__}); pass a CLIP checkpoint, or "
-                            "delete it and download it again") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CLIPLoadError(f"{path} holds no state dict (a dict of tensors); "
-                            "pass a CLIP checkpoint")
-    return obj
 
 
 def load(name_or_path, device="cpu", download_root=None):
     """An fp32 CLIP in eval mode from an OpenAI model name (downloaded once into download_root,
     $CLIP_CACHE or ~/.cache/clip, where openai/CLIP keeps them too) or from a weight file."""
+    path = name_or_path
     if name_or_path in MODELS:
         root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
         path = _download(MODELS[name_or_path], root)
-    elif os.path.isfile(name_or_path):
-        path = name_or_path
-    else:
-        raise CLIPLoadError(f"{name_or_path!r} is neither a model name ({', '.join(MODELS)}) nor "
-                            "a file; pass one of those names or the path of a CLIP weight file")
-    # NOTE: OpenAI's files hold fp16 weights; Adam on fp16 weights gives NaN, hence fp32
-    return build_model(_read_state_dict(path)).float().to(device).eval()
+    elif not os.path.isfile(path):
+        raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file; "
+                            "pass one of those names or the path of a CLIP weight file")
+    try:
+        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript; OpenAI's files are it
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not a TorchScript archive: a state dict, or a checkpoint {"model": sd}
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # NOTE: torch's message is many lines; its type says enough
+            raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, "
+                                f"or it is truncated ({type(e).__name__}); pass a CLIP checkpoint, "
+                                "or delete it and download it again") from None
+    sd = sd["model"] if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CLIPLoadError(f"{path} holds no state dict (dict of tensors); pass a CLIP checkpoint")
+    return build_model(sd).float().to(device).eval()  # fp32: Adam on OpenAI's fp16 gives NaN

@@ -35,10 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# the layer
 
-
+# --- the layer
 class CoDyRALinear(nn.Module):
     """A frozen nn.Linear plus B diag(g) A (Eq. 2). Adapter parameters share the `lora_` prefix,
     so the adapter-only state dict is {k: v for k, v in sd.items() if "lora_" in k}."""
@@ -65,10 +63,8 @@ def adapters(model):
     """(name, CoDyRALinear) pairs of a model, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CoDyRALinear)]
 
-# -----------------------------------------------------------------------------
-# placement: inject, and the CLIP placements of the paper's ablations
 
-
+# --- placement: inject, and the CLIP placements of the paper's ablations
 def inject(model, rank, where=None):
     """Wrap every nn.Linear whose qualified name satisfies where(name) (None: every nn.Linear) in a
     CoDyRALinear of this rank and freeze every other parameter. The root module itself is never
@@ -121,10 +117,8 @@ def clip_placement(encoders="both", layers=tuple(CLIP_LAYERS)):
         return site is not None and site[0] in chosen and site[2] in layers
     return where
 
-# -----------------------------------------------------------------------------
-# rank selection: the proximal step (Eq. 4-7) and its threshold schedule
 
-
+# --- rank selection: the proximal step (Eq. 4-7) and its threshold schedule
 def soft_threshold(x, tau):
     """S_tau(x) = sign(x) * max(|x| - tau, 0), the proximal operator of tau * ||x||_1 (Eq. 7)."""
     return torch.sign(x) * torch.clamp(x.abs() - tau, min=0)
@@ -159,10 +153,8 @@ def rank_stats(model):
     """{module name: number of active ranks (g != 0)} for every adapter of the model."""
     return {n: int(torch.count_nonzero(m.lora_g)) for n, m in adapters(model)}
 
-# -----------------------------------------------------------------------------
-# merge: back to the original architecture
 
-
+# --- merge: back to the original architecture
 @torch.no_grad()
 def merge(model):
     """Fold every adapter into its base weight, W0 <- W0 + B diag(g) A over the ranks with g != 0,

@@ -1,13 +1,10 @@
 """Run train.py for several methods and seeds on one setting and print one table: mean and
-standard deviation of Transfer, Average, Last, the accuracy right after learning each task and
-the forgetting since, and the ranks CoDyRA kept.
+standard deviation of Transfer, Average, Last, the accuracy right after learning each task, the
+forgetting since, and the ranks CoDyRA kept. A finished run (--out/<method>-seed<seed>) is read,
+an interrupted one resumed, so this can be stopped and started again.
 
     python compare.py                                  # tiny world: codyra, lora, full x seeds 0-2
     python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
-
-Each run is an ordinary train.py run in --out/<method>-seed<seed>; a finished one is read, not
-rerun, and an interrupted one is resumed, so this command can be stopped and started again.
-Arguments after `--` go to every train.py run.
 """
 import argparse
 import json
@@ -23,7 +20,7 @@ p.add_argument("--data-dir", default="data", help="dataset folder passed to trai
 p.add_argument("--methods", default="codyra,lora,full", help="comma-separated train.py methods")
 p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 p.add_argument("--out", default="runs/compare", help="folder holding one subfolder per run")
-p.add_argument("extra", nargs="*", help="further train.py arguments, after --")
+p.add_argument("extra", nargs="*", help="arguments for every train.py run, after --")
 args = p.parse_args()
 methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
 

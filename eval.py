@@ -20,10 +20,8 @@ import tiny_world
 
 SETTINGS = {**data.BENCHMARKS, "tiny": tiny_world.BENCHMARK}  # datasets and evaluation style
 
-# -----------------------------------------------------------------------------
-# metrics (ZSCL and RAIL's). acc[t][j]: top-1 accuracy (%) on dataset j after training task t
 
-
+# --- metrics (ZSCL and RAIL's). acc[t][j]: top-1 accuracy (%) on dataset j after training task t
 def transfer(acc):
     """Zero-shot transfer: for each dataset j > 0, the mean of A[t, j] over the rows t < j."""
     per = [sum(row[j] for row in acc[:j]) / len(acc[:j]) for j in range(1, len(acc[0]))]
@@ -67,10 +65,8 @@ def format_table(metrics, datasets):
             for name in ("transfer", "average", "last")]
     return "\n".join([format_header(datasets)] + rows)
 
-# -----------------------------------------------------------------------------
-# evaluation
 
-
+# --- evaluation
 @torch.no_grad()
 def class_features(model, classnames, templates, device):
     """(C, E) normalised text features, each the normalised mean over the template ensemble."""
@@ -112,10 +108,8 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0):
     model.train(was_training)
     return row
 
-# -----------------------------------------------------------------------------
-# what train.py and this script share: flags, the setting's tasks and model, device, files
 
-
+# --- what train.py and this script share: flags, the setting's tasks and model, device, files
 def add_arguments(p):
     """The flags of both scripts, in groups data, model, system; returns the groups by title."""
     groups = {title: p.add_argument_group(title) for title in ("data", "model", "system")}
@@ -141,8 +135,6 @@ def add_arguments(p):
                        help="data-loader processes (default: the CPU cores, at most 8)")
     group.add_argument("--cache-dir", default="~/.cache/codyra/eval", help="test images decoded "
                        "once as uint8 (150 KB each, ~15 GB for MTIL); 'none': at every evaluation")
-    group.add_argument("--compile", action="store_true", help="torch.compile both encoders (not "
-                       "shown to be faster, compile time included: bench.py --compile)")
     return groups
 
 
@@ -168,20 +160,14 @@ def load_setting(args, shots=None):
         else:
             tasks = data.load_tasks(args.setting, args.data_dir, shots, args.seed, args.datasets,
                                     args.download)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    try:
         if args.setting == "tiny" and args.model in (None, "tiny"):
             model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
         else:
             model = clip_model.load(args.model or "ViT-B/16")
-    except clip_model.CLIPLoadError as e:
+    except (data.DataError, clip_model.CLIPLoadError) as e:
         sys.exit(f"error: {e}")
     cache = None if args.cache_dir == "none" else args.cache_dir
     data.prepare(tasks, model.visual.input_resolution, cache, args.workers)
-    if args.compile:  # in place, keys unchanged; inject and merge make it recompile once a task
-        model.visual.compile()
-        model.transformer.compile()
     return tasks, model
 
 
@@ -200,10 +186,8 @@ def write_json(path, obj):
     with clip_model.atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
 
-# -----------------------------------------------------------------------------
-# zero-shot (or any checkpoint's) accuracy: one row
 
-
+# --- zero-shot (or any checkpoint's) accuracy: one row
 def main():
     p = argparse.ArgumentParser(description="Evaluate CLIP (zero-shot, or a checkpoint of this "
                                             "project) on every dataset of a setting.")

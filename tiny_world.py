@@ -1,9 +1,7 @@
-"""The tiny world, to run the method offline on a CPU: a small CLIP pretrained on generated
-captioned scenes (`pretrained()`, cached in ~/.cache/codyra) and generated domains (`tasks()`).
-Scenes: 1-4 shapes of one shape, colour and size on a dark plain or faintly patterned background,
-captioned with a random subset of their attributes ("a photo of three small red circles on a
-striped background."); never a digit. The domains are drawn in other styles (noisy or tinted
-backgrounds, blobs, patterns, pen strokes), so zero-shot works only partly; `digits` is new."""
+"""The tiny world, to run the method offline on a CPU: generated domains (`tasks()`) and a small
+CLIP pretrained (`pretrained()`, cached in ~/.cache/codyra) on generated scenes: 1-4 equal shapes
+on a dark, plain or faintly patterned background, captioned with some of their attributes, never
+a digit. The domains are drawn in other styles, so zero-shot works only partly; `digits` is new."""
 import hashlib
 import json
 import math
@@ -19,11 +17,8 @@ from PIL import Image
 import clip_model
 from data import ImageSet, Task
 
-# ---- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
-RES = 32         # image side in pixels (clip_model.CONFIGS["tiny"] takes 32 px images)
-SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
-_HI = RES * SUPERSAMPLE
-_PIXEL_CENTRES = (np.mgrid[0:_HI, 0:_HI].astype(np.float32) + 0.5) / SUPERSAMPLE  # (y/x, _HI, _HI)
+# --- the world: image size, vocabulary, pretraining captions and recipe
+RES = 32  # image side in pixels (clip_model.CONFIGS["tiny"] takes 32 px images)
 COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 220, 40),
            "green": (40, 170, 60), "blue": (40, 90, 230), "purple": (140, 50, 200),
            "pink": (245, 130, 200), "white": (245, 245, 245)}
@@ -32,6 +27,17 @@ COUNTS = ["one", "two", "three", "four", "five", "six"]
 PATTERNS = ["striped", "checkered", "dotted", "grid", "zigzag"]
 PRETRAIN_PATTERNS = ["striped", "checkered", "dotted"]  # grid and zigzag: downstream only
 PRETRAIN_MAX_COUNT = 4                                   # "five" and "six": downstream only
+MENTION = dict(shape=0.9, colour=0.6, size=0.4, position=0.3, background=0.6)  # P(captioned)
+CAPTIONS = ["a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.", "there is {}.",
+            "an image showing {}."]  # templates
+_POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"],
+                   ["bottom left", "bottom", "bottom right"]]
+WORLD_VERSION = 1  # NOTE: bump when the generator or the recipe changes: stale caches go unused
+PRETRAIN = dict(steps=1000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
+# --- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
+SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
+_HI = RES * SUPERSAMPLE
+_PIXEL_CENTRES = (np.mgrid[0:_HI, 0:_HI].astype(np.float32) + 0.5) / SUPERSAMPLE  # (y/x, _HI, _HI)
 
 
 def _downsample(m):  # (_HI, _HI) 0/1 mask -> (RES, RES) coverage
@@ -82,20 +88,6 @@ def _arc(cx, cy, rx, ry, a0, a1, n=10):  # points of an elliptic arc; degrees, 0
     return [(cx + rx * np.cos(t), cy + ry * np.sin(t)) for t in np.radians(np.linspace(a0, a1, n))]
 
 
-DIGIT_STROKES = {  # pen strokes (polylines) in the unit box, x right, y down
-    "0": [_arc(.5, .5, .28, .4, 0, 360, 16)],
-    "1": [[(.35, .25), (.52, .1), (.52, .9)]],
-    "2": [_arc(.5, .32, .24, .22, 180, 380) + [(.25, .9), (.78, .9)]],
-    "3": [_arc(.5, .3, .22, .2, -160, 90), _arc(.5, .7, .24, .2, -90, 160)],
-    "4": [[(.65, .9), (.65, .1), (.2, .65), (.8, .65)]],
-    "5": [[(.75, .1), (.32, .1), (.3, .45)] + _arc(.5, .66, .24, .23, -125, 150)],
-    "6": [[(.68, .1), (.3, .58)], _arc(.5, .68, .22, .22, 0, 360, 14)],
-    "7": [[(.2, .1), (.8, .1), (.42, .9)]],
-    "8": [_arc(.5, .29, .2, .19, 0, 360, 12), _arc(.5, .7, .24, .21, 0, 360, 14)],
-    "9": [_arc(.5, .32, .22, .22, 0, 360, 14), [(.72, .32), (.62, .9)]],
-}
-
-
 def strokes_mask(strokes, matrix, offset, width):
     """Polylines mapped by p -> matrix @ p + offset, drawn with a pen `width` pixels wide."""
     p = _PIXEL_CENTRES[::-1].reshape(2, -1).T  # (P, 2) as (x, y)
@@ -109,8 +101,8 @@ def strokes_mask(strokes, matrix, offset, width):
     return _downsample((best <= width / 2).reshape(_HI, _HI))
 
 
-def _paint(canvas, mask, rgb):  # alpha-blend a colour into a float (RES, RES, 3) canvas in place
-    canvas += mask[..., None] * (np.asarray(rgb, dtype=np.float32) - canvas)
+def _paint(canvas, mask, rgb):  # a float (RES, RES, 3) canvas with a colour alpha-blended in
+    return canvas + mask[..., None] * (np.asarray(rgb, dtype=np.float32) - canvas)
 
 
 def _to_uint8(canvas, rng=None, noise=0):  # rounded to pixels, after Gaussian noise of std noise
@@ -129,14 +121,7 @@ def _positions(rng, k, radius):  # k centres in distinct cells of a 3x3 grid, ji
              (c // 3 + 0.5) * cell + rng.uniform(-slack, slack)) for c in cells]
 
 
-# ---- pretraining scenes and their captions
-MENTION_PROBABILITY = dict(shape=0.9, colour=0.6, size=0.4, position=0.3, background=0.6)
-CAPTION_TEMPLATES = ["a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.",
-                     "there is {}.", "an image showing {}."]
-_POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"],
-                   ["bottom left", "bottom", "bottom right"]]
-
-
+# --- pretraining scenes and their captions
 def pretrain_example(rng, shape=None, colour=None, k=None):
     """One scene: (uint8 image (RES, RES, 3), caption); attributes not given are drawn."""
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
@@ -150,33 +135,28 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
         background = PRETRAIN_PATTERNS[rng.integers(len(PRETRAIN_PATTERNS))]
         m = pattern(background, rng.uniform(5, 9), rng.choice([0, np.pi / 2, np.pi / 4]),
                     rng.random())
-        _paint(canvas, m, canvas[0, 0] + rng.uniform(40, 70))
+        canvas = _paint(canvas, m, canvas[0, 0] + rng.uniform(40, 70))
     centres = ([(RES / 2 + rng.uniform(-3, 3), RES / 2 + rng.uniform(-3, 3))] if large
                else _positions(rng, k, radius))
     rgb = _jitter(rng, COLOURS[colour], 10)
     for cx, cy in centres:
-        _paint(canvas, shape_mask(shape, cx, cy, radius, rng.normal(0, 0.1)), rgb)
+        canvas = _paint(canvas, shape_mask(shape, cx, cy, radius, rng.normal(0, 0.1)), rgb)
     # the caption names a random subset of the attributes (always the shape or the colour)
-    mention = MENTION_PROBABILITY
-    say_shape, say_colour = rng.random() < mention["shape"], rng.random() < mention["colour"]
+    say_shape, say_colour = rng.random() < MENTION["shape"], rng.random() < MENTION["colour"]
     say_number = rng.random() < (0.2 if k == 1 else 0.8)  # else "a" or "some"
     words = [COUNTS[k - 1] if say_number else "a" if k == 1 else "some"]
-    if rng.random() < mention["size"]:
+    if rng.random() < MENTION["size"]:
         words.append("large" if large else "small")
-    if say_colour:
-        words.append(colour)
     noun = shape if say_shape or not say_colour else "object"
-    words.append(noun + ("es" if noun == "cross" and k > 1 else "s" if k > 1 else ""))
-    if k == 1 and not large and rng.random() < mention["position"]:
-        cx, cy = centres[0]
-        row, column = min(int(cy // (RES / 3)), 2), min(int(cx // (RES / 3)), 2)
+    noun += ("es" if noun == "cross" else "s") if k > 1 else ""
+    words += [colour, noun] if say_colour else [noun]
+    if k == 1 and not large and rng.random() < MENTION["position"]:
+        column, row = (min(int(c // (RES / 3)), 2) for c in centres[0])  # in a 3x3 grid
         words.append("at the " + _POSITION_NAMES[row][column])
-    if background and rng.random() < mention["background"]:
+    if background and rng.random() < MENTION["background"]:
         words.append(f"on a {background} " + ("background" if rng.random() < 0.5 else "pattern"))
-    desc = " ".join(words)
-    if words[0] == "a" and words[1][0] in "aeiou":
-        desc = "an" + desc[1:]
-    return _to_uint8(canvas), CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(desc)
+    words[0] = "an" if words[0] == "a" and words[1][0] in "aeiou" else words[0]
+    return _to_uint8(canvas), CAPTIONS[rng.integers(len(CAPTIONS))].format(" ".join(words))
 
 
 def pretrain_batch(rng, n):
@@ -198,14 +178,14 @@ def pretrain_batch(rng, n):
     return np.stack([p[0] for p in pairs[:n]]), [p[1] for p in pairs[:n]]
 
 
-# ---- downstream domains: draw(rng, label) -> uint8 (RES, RES, 3)
+# --- downstream domains: draw(rng, label) -> uint8 (RES, RES, 3)
 def draw_shapes(rng, label):
     """One shape, any colour but white, rotated, on a noisy background."""
     canvas = np.full((RES, RES, 3), _jitter(rng, (rng.uniform(20, 100),) * 3, 20), np.float32)
     rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS) - 1)], 25)
     r = rng.uniform(7, 12)
     cx, cy = RES / 2 + rng.uniform(-16 + r, 16 - r), RES / 2 + rng.uniform(-16 + r, 16 - r)
-    _paint(canvas, shape_mask(SHAPES[label], cx, cy, r, rng.normal(0, 0.2)), rgb)
+    canvas = _paint(canvas, shape_mask(SHAPES[label], cx, cy, r, rng.normal(0, 0.2)), rgb)
     return _to_uint8(canvas, rng, noise=20)
 
 
@@ -215,11 +195,9 @@ def draw_colours(rng, label):
     rgb = np.asarray(list(COLOURS.values())[label], dtype=np.float32) * rng.uniform(0.7, 1.05)
     for _ in range(int(rng.integers(1, 3))):
         cx, cy, size = rng.uniform(8, 24), rng.uniform(8, 24), rng.uniform(4, 7)
-        blob = np.zeros((RES, RES), dtype=np.float32)
-        for _ in range(int(rng.integers(3, 6))):  # a blob: the union of a few random discs
-            x, y = cx + rng.normal(0, size / 2), cy + rng.normal(0, size / 2)
-            blob = np.maximum(blob, shape_mask("circle", x, y, rng.uniform(size / 2, size)))
-        _paint(canvas, blob, _jitter(rng, rgb, 15))
+        discs = [shape_mask("circle", cx + rng.normal(0, size / 2), cy + rng.normal(0, size / 2),
+                            rng.uniform(size / 2, size)) for _ in range(int(rng.integers(3, 6)))]
+        canvas = _paint(canvas, np.max(discs, axis=0), _jitter(rng, rgb, 15))  # a blob: their union
     return _to_uint8(canvas, rng, noise=12)
 
 
@@ -231,7 +209,7 @@ def draw_counts(rng, label):
     rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS))], 20)
     r = rng.uniform(3.5, 4.5)
     for cx, cy in _positions(rng, label + 1, r):
-        _paint(canvas, shape_mask(shape, cx, cy, r), rgb)
+        canvas = _paint(canvas, shape_mask(shape, cx, cy, r), rgb)
     return _to_uint8(canvas, rng, noise=10)
 
 
@@ -240,10 +218,8 @@ def draw_patterns(rng, label):
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     while np.abs(c1 - c2).sum() < 200:  # keep enough contrast to see the pattern
         c2 = rng.uniform(0, 255, 3)
-    canvas = np.full((RES, RES, 3), c1, dtype=np.float32)
     m = pattern(PATTERNS[label], rng.uniform(5, 10), rng.uniform(0, np.pi), rng.random())
-    _paint(canvas, m, c2)
-    return _to_uint8(canvas, rng, noise=8)
+    return _to_uint8(_paint(np.full((RES, RES, 3), c1, np.float32), m, c2), rng, noise=8)
 
 
 def draw_digits(rng, label):
@@ -255,33 +231,36 @@ def draw_digits(rng, label):
     offset = np.array([RES / 2, RES / 2]) - matrix @ np.array([0.5, 0.5]) + rng.uniform(-2, 2, 2)
     strokes = [[(x + rng.normal(0, .02), y + rng.normal(0, .02)) for x, y in line]
                for line in DIGIT_STROKES[str(label)]]
-    m = strokes_mask(strokes, matrix.astype(np.float32), offset.astype(np.float32),
-                     rng.uniform(2, 3.2))
-    canvas = np.zeros((RES, RES, 3), dtype=np.float32)
-    _paint(canvas, m, (rng.uniform(200, 255),) * 3)
-    return _to_uint8(canvas)
+    m = strokes_mask(strokes, np.float32(matrix), np.float32(offset), rng.uniform(2, 3.2))
+    return _to_uint8(_paint(np.zeros((RES, RES, 3), np.float32), m, (rng.uniform(200, 255),) * 3))
 
 
+DIGIT_STROKES = {  # pen strokes (polylines) in the unit box, x right, y down
+    "0": [_arc(.5, .5, .28, .4, 0, 360, 16)], "1": [[(.35, .25), (.52, .1), (.52, .9)]],
+    "2": [_arc(.5, .32, .24, .22, 180, 380) + [(.25, .9), (.78, .9)]],
+    "3": [_arc(.5, .3, .22, .2, -160, 90), _arc(.5, .7, .24, .2, -90, 160)],
+    "4": [[(.65, .9), (.65, .1), (.2, .65), (.8, .65)]],
+    "5": [[(.75, .1), (.32, .1), (.3, .45)] + _arc(.5, .66, .24, .23, -125, 150)],
+    "6": [[(.68, .1), (.3, .58)], _arc(.5, .68, .22, .22, 0, 360, 14)],
+    "7": [[(.2, .1), (.8, .1), (.42, .9)]],
+    "8": [_arc(.5, .29, .2, .19, 0, 360, 12), _arc(.5, .7, .24, .21, 0, 360, 14)],
+    "9": [_arc(.5, .32, .22, .22, 0, 360, 14), [(.72, .32), (.62, .9)]]}
 DOMAINS = {  # in task order: name -> (classnames, templates, draw)
     "shapes": (SHAPES, ["a drawing of a {}."], draw_shapes),
     "digits": ([str(i) for i in range(10)], ['a photo of the number: "{}".'], draw_digits),
     "colours": (list(COLOURS)[:-1], ["a photo of a {} object."], draw_colours),
     "patterns": (PATTERNS, ["a photo of a {} pattern."], draw_patterns),
-    "counts": (COUNTS, ["a photo of {} objects."], draw_counts),
-}
+    "counts": (COUNTS, ["a photo of {} objects."], draw_counts)}
 BENCHMARK = {"datasets": tuple(DOMAINS), "eval_style": "task-aware"}
 TEST_PER_CLASS = 40
 TEST_SEED = 12345  # test sets are fixed, like a benchmark's; the run seed only draws the shots
 
 
-def _rng(*keys):
-    """A generator seeded by integers and strings (crc32), independent of any global RNG."""
-    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(k.encode())
-                                  for k in keys])
+def _rng(*key):  # a generator seeded by a key of integers and strings (crc32), not by global RNGs
+    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(k.encode()) for k in key])
 
 
-def generate(name, per_class, rng, train):
-    """per_class images of each class, class-major, preprocessed for training or evaluation."""
+def generate(name, per_class, rng, train):  # per_class images of each class, class-major
     classnames, _, draw = DOMAINS[name]
     labels = [c for c in range(len(classnames)) for _ in range(per_class)]
     return ImageSet(np.stack([draw(rng, c) for c in labels]), labels,
@@ -291,8 +270,7 @@ def generate(name, per_class, rng, train):
 def tasks(shots=16, seed=0, datasets=None, test_per_class=TEST_PER_CLASS):
     """The tiny setting's Tasks, in order: `shots` training images per class drawn from the seed
     (None: train is None) and a fixed test set, both of uint8 (3, RES, RES) tensors."""
-    unknown = [n for n in datasets or () if n not in DOMAINS]
-    if unknown:
+    if unknown := [n for n in datasets or () if n not in DOMAINS]:
         raise ValueError(f"unknown datasets {unknown} for tiny; choose from {list(DOMAINS)}")
     return [Task(name, DOMAINS[name][0], DOMAINS[name][1],  # classnames, templates
                  None if shots is None else generate(name, shots, _rng(seed, name, "train"), True),
@@ -300,16 +278,9 @@ def tasks(shots=16, seed=0, datasets=None, test_per_class=TEST_PER_CLASS):
             for name in datasets or DOMAINS]
 
 
-# ---- the tiny CLIP (clip_model.CONFIGS["tiny"]): pretrained on generated scenes, cached on disk
-WORLD_VERSION = 1  # NOTE: bump when the generator or the recipe changes: stale caches go unused
-PRETRAIN = dict(steps=1000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
-
-
-def pretraining_loss(model, images, captions):
-    """CLIP's symmetric InfoNCE over (image, caption) pairs; equal captions all count as matches."""
-    img = F.normalize(model.encode_image(images), dim=-1)                        # (B, E)
-    txt = F.normalize(model.encode_text(clip_model.tokenize(captions)), dim=-1)  # (B, E)
-    logits = model.logit_scale.exp() * img @ txt.T                               # (B, B)
+# --- the tiny CLIP (clip_model.CONFIGS["tiny"]): pretrained on generated scenes, cached on disk
+def pretraining_loss(model, images, captions):  # CLIP's symmetric InfoNCE; equal captions match
+    logits = model(images, clip_model.tokenize(captions))  # (B, B) image-to-caption
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
     target = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -328,9 +299,8 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
     preprocess = clip_model.preprocess(False, clip_config["image_resolution"])
     rng, t0, losses = _rng(seed, "pretrain"), time.time(), []
     for step in range(steps):
-        warmup_cosine = min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr * warmup_cosine
+        for g in opt.param_groups:  # linear warmup, then cosine decay
+            g["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
         arrays, captions = pretrain_batch(rng, batch_size)
         images = torch.stack([preprocess(Image.fromarray(a)) for a in arrays])  # uint8
         loss = pretraining_loss(model, clip_model.normalize(images), captions)

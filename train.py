@@ -19,9 +19,7 @@ import clip_model
 import codyra
 import eval as evaluation
 
-# -----------------------------------------------------------------------------
-# config: the recipe of each setting (the released code's for MTIL and X-TAIL); a flag wins
-
+# --- config: the recipe of each setting (the released code's for MTIL and X-TAIL); a flag wins
 RECIPES = {
     "mtil": dict(shots=5, dense_ratio=0.7, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5),
     "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5),
@@ -30,7 +28,7 @@ RECIPES = {
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=300, batch_size=32, lr=2e-3, lr_full=1e-4),
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
-RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "compile", "plot",
+RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot",
                  "eval_batch_size"}  # may change on --resume; every other flag defines the run
 
 
@@ -66,12 +64,11 @@ group.add_argument("--resume", action="store_true", help="continue the run in --
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
 evaluation.check_arguments(p, args)
-recipe = RECIPES[args.setting]
-for key in ("shots", "dense_ratio", "iterations", "batch_size"):
+recipe = dict(RECIPES[args.setting])
+recipe["lr"] = recipe["lr_full" if args.method == "full" else "lr"]
+for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr"):  # what no flag gave
     if getattr(args, key) is None:
         setattr(args, key, recipe[key])
-if args.lr is None:
-    args.lr = recipe["lr_full" if args.method == "full" else "lr"]
 if min(args.shots, args.rank, args.iterations, args.batch_size) < 1:
     p.error("--shots, --rank, --iterations and --batch-size must be >= 1")
 if not (0 <= args.dense_ratio <= 1 and args.kappa_max >= 0 and args.lr > 0):
@@ -91,9 +88,7 @@ if args.plot and not analysis.can_plot():
     print("--plot: matplotlib is not installed (pip install matplotlib): no figures")
     args.plot = False
 
-# -----------------------------------------------------------------------------
-# data and model
-
+# --- data and model
 device = evaluation.pick_device(args.device)
 autocast = evaluation.autocast(device)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
@@ -111,13 +106,10 @@ if args.resume:  # the weights and results of the finished tasks
     model.load_state_dict(saved["model"])
     results.update({k: saved["results"][k] for k in ("acc", "analysis", "seconds")})
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
-names = results["datasets"]
 os.makedirs(args.out, exist_ok=True)
 
-# -----------------------------------------------------------------------------
-# one task: inject fresh adapters, train, merge
 
-
+# --- one task: inject fresh adapters, train, merge
 def batches(images, seed):
     """Endless shuffled batches, in an order that depends on (seed, task) alone."""
     loader = torch.utils.data.DataLoader(
@@ -173,9 +165,8 @@ def train_task(t, task, earlier_text):
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
     return report
 
-# -----------------------------------------------------------------------------
-# the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
 
+# --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
 for t in range(len(results["acc"]), len(tasks)):
     task, began = tasks[t], time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
@@ -194,18 +185,16 @@ for t in range(len(results["acc"]), len(tasks)):
     with clip_model.atomic(ckpt_path) as tmp:
         torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, tmp)
     evaluation.write_json(results_path, results)
-    print(evaluation.format_matrix(results["acc"], names))
+    print(evaluation.format_matrix(results["acc"], results["datasets"]))
     print(analysis.format_report(report))
     if args.plot:
         analysis.plot(results, args.out)
 
-# -----------------------------------------------------------------------------
-# report
-
+# --- report
 results["metrics"] = evaluation.compute_metrics(results["acc"])
 evaluation.write_json(results_path, results)
 print(f"\n{args.method} on {args.setting}: accuracy (%) after the whole sequence")
-print(evaluation.format_table(results["metrics"], names))
+print(evaluation.format_table(results["metrics"], results["datasets"]))
 if args.method != "full":
     kept = " ".join(f"{r['ranks']['mean']:.1f}" for r in results["analysis"])
     print(f"mean active rank per task: {kept}  (of {args.rank})")
