@@ -12,6 +12,7 @@ in torchvision's layout; as ZSCL, random_split 80/20 with seed 42 over torchvisi
 folders and files sorted; sun397 by path: file-system order is not portable). Few-shot: k indices
 per class (with replacement only when a class has fewer), seeded by (seed, crc32 of the name) only.
 """
+import glob
 import hashlib
 import json
 import os
@@ -74,8 +75,12 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = self.images[i]
-        with (Image.fromarray(image) if isinstance(image, np.ndarray) else Image.open(image)) as f:
-            img = f.convert("RGB")
+        try:  # a missing, truncated, looping or non-image file: one line naming it
+            with (Image.fromarray(image) if isinstance(image, np.ndarray) else
+                  Image.open(image)) as f:
+                img = f.convert("RGB")
+        except OSError as e:
+            raise DataError(f"{image} is not a readable image ({e}); replace or delete it")
         return (self.transform(img) if self.transform else img), self.labels[i]
 
     def subset(self, indices):
@@ -84,9 +89,14 @@ class ImageSet(torch.utils.data.Dataset):
                   else [self.images[i] for i in idx])
         return ImageSet(images, [self.labels[i] for i in idx], self.transform)
 
-    def batches(self, batch_size, workers=0, pin=False):
-        """(images, labels) batches in order, decoded in `workers` loader processes."""
-        return torch.utils.data.DataLoader(self, batch_size, num_workers=workers, pin_memory=pin)
+    def batches(self, batch_size, workers=0, pin=False, shuffle=None):
+        """(images, labels) batches, in order or shuffled by the generator `shuffle`, decoded in
+        `workers` loader processes; none for arrays in memory, where they cost more than they
+        save and, beside another busy process, slow both down many times."""
+        workers = 0 if isinstance(self.images, np.ndarray) else workers
+        return torch.utils.data.DataLoader(self, batch_size, shuffle=shuffle is not None,
+                                           generator=shuffle, num_workers=workers, pin_memory=pin,
+                                           persistent_workers=workers > 0)
 
     def cached(self, name, cache_dir, workers=0):
         """This set, transformed once, as CachedImages: a .npy file built atomically on first use,
@@ -96,6 +106,11 @@ class ImageSet(torch.utils.data.Dataset):
                if isinstance(self.images, np.ndarray) else "\n".join(self.images).encode())
         h = hashlib.sha1(str(first.shape).encode() + key).hexdigest()[:16]
         path = os.path.join(cache_dir, f"{name}_{first.shape[-1]}px_{h}.npy")
+        for stale in glob.glob(f"{path}.*.tmp"):  # left by a killed run, whose process is gone
+            try:
+                os.kill(int(stale.split(".")[-2]), 0)
+            except ProcessLookupError:
+                os.remove(stale)
         if not os.path.exists(path):
             os.makedirs(cache_dir, exist_ok=True)
             with clip_model.atomic(path) as tmp:
@@ -158,6 +173,10 @@ def _lines(path):
 def _labelled(train, test, classes):
     """classes, and the ImageSets of (path, name) pairs labelled by the name's index in classes."""
     index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({c for _, c in train + test} - set(index))
+    if unknown:
+        raise ValueError(f"class {unknown[0]!r} is listed but not among the {len(index)} classes "
+                         "(the train list or the class list); is the download complete?")
     return classes, *(ImageSet([str(p) for p, _ in pairs], [index[c] for _, c in pairs])
                       for pairs in (train, test))
 
@@ -166,11 +185,14 @@ def _class_folders(name, subdir, skip=()):
     """A torchvision LAYOUTS entry without a test set: name/subdir/<class>/<file>, sorted, 80/20."""
     def read(folder):
         root, entry = folder / subdir, ASSETS["mtil"][name]
-        classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir())
+        classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir()
+                         and c[0] not in "._")  # not .ipynb_checkpoints, __MACOSX
         paths, labels = [], []
         for label, c in enumerate(classes):
             files = sorted(f for f in os.listdir(root / c)  # not macOS's "._x.jpg" companions
                            if f.lower().endswith((".jpg", ".jpeg", ".png")) and f[0] != ".")
+            if not files:
+                raise ValueError(f"the class folder {root / c} holds no image")
             paths += [str(root / c / f) for f in files]
             labels += [label] * len(files)
         names = dict(zip(entry["folders"], entry["classnames"]))
@@ -195,13 +217,28 @@ def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_air
     return _labelled(*pairs, classes)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's files are pickles, which can run code: load only what they hold (dicts, lists,
+    strings, numbers and NumPy arrays), as weights_only does for torch files."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a CIFAR file")
+        return super().find_class(module, name)
+
+
 def _cifar100(folder):
+    def load(name):
+        with open(folder / name, "rb") as f:
+            return _ArraysOnly(f, encoding="latin1").load()
+
     def read(split):
-        entry = pickle.loads((folder / split).read_bytes(), encoding="latin1")
+        entry = load(split)
         images = np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return ImageSet(np.ascontiguousarray(images), entry["fine_labels"])  # (N, 32, 32, 3)
-    classes = pickle.loads((folder / "meta").read_bytes(), encoding="latin1")["fine_label_names"]
-    return classes, read("train"), read("test")
+    return load("meta")["fine_label_names"], read("train"), read("test")
 
 
 def _dtd(folder):  # partition 1
@@ -358,7 +395,8 @@ def _download(name, data_dir):
     try:
         getattr(torchvision.datasets, _TORCHVISION_CLASS[name])(str(data_dir), download=True)
     except Exception as e:  # noqa: BLE001  NOTE: Flowers102 downloads, then fails without scipy
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = " ".join(f"{type(x).__name__}: {x}" for x in (e, e.__cause__ or e.__context__) if x)
+        return " ".join(why.split())[:300]
     return None
 
 
@@ -394,15 +432,14 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
         folder = folders[name]
         try:
             classnames, train, test = LAYOUTS[layout][name][2](folder)
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        except (OSError, ValueError, KeyError, IndexError, TypeError, pickle.UnpicklingError) as e:
             detail = " ".join(f"{type(e).__name__}: {e}".split())
             raise DataError(f"{name}: cannot index {folder}: {detail}") from e
         for part, s in (("train", train), ("test", test)):
             if len(s) == 0:
                 raise DataError(f"{name}: no {part} images found in {folder}")
-            # a cheap completeness check: the first and the last file listed
-            for p in [] if isinstance(s.images, np.ndarray) else [s.images[0], s.images[-1]]:
-                if not os.path.exists(p):
+            for p in [] if isinstance(s.images, np.ndarray) else s.images:  # a stat each
+                if not os.path.isfile(p):
                     raise DataError(f"{name}: {p} is listed but missing; {folder} is incomplete")
         entry = ASSETS[benchmark][name]
         classnames = [c.replace("_", " ") + entry.get("classname_suffix", "") for c in classnames]
@@ -414,16 +451,23 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
 
 
 def prepare(tasks, resolution, cache_dir=None, workers=0):
-    """Set CLIP's preprocessing on all tasks; with a cache_dir, decode each test set once there."""
+    """Set CLIP's preprocessing on all tasks, decode every training image once (an unreadable one
+    stops the run now, not in the middle of its task) and, with a cache_dir, each test set into
+    its cache. NOTE: without a cache, test images are only checked to exist."""
     for task in tasks:
         if task.train is not None:
             task.train.transform = clip_model.preprocess(True, resolution)
         task.test.transform = clip_model.preprocess(False, resolution)
-        if cache_dir is None:
-            continue
         start = time.time()
         try:
-            task.test = task.test.cached(task.name, os.path.expanduser(cache_dir), workers)
+            if task.train is not None and not isinstance(task.train.images, np.ndarray):
+                for _ in task.train.batches(64, workers):
+                    pass
+            if cache_dir is not None:
+                task.test = task.test.cached(task.name, os.path.expanduser(cache_dir), workers)
+        except DataError as e:  # from a loader process, it comes with the whole traceback
+            last = str(e).strip().splitlines()[-1]
+            raise DataError(f"{task.name}: {last.split('DataError: ')[-1]}") from None
         except OSError as e:  # a full or read-only disk: evaluate from the images instead
             print(f"{task.name}: no test-image cache ({e}); decoding at every evaluation")
         if time.time() - start > 1:

@@ -6,8 +6,11 @@ with these functions after every task; run alone, this script writes one row (ze
     python eval.py --setting xtail --model out/xtail-codyra/checkpoint.pt
 """
 import argparse
+import fcntl
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 
@@ -110,6 +113,22 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0):
 
 
 # --- what train.py and this script share: flags, the setting's tasks and model, device, files
+class Parser(argparse.ArgumentParser):
+    """argparse that shows every default in --help and refuses a flag in one line."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=_DefaultsShown)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": such help says what it means
+        hidden = action.default is None or action.default is False
+        return action.help if hidden else super()._get_help_string(action)
+
+
 def add_arguments(p):
     """The flags of both scripts, in groups data, model, system; returns the groups by title."""
     groups = {title: p.add_argument_group(title) for title in ("data", "model", "system")}
@@ -125,14 +144,14 @@ def add_arguments(p):
     groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16) or weight "
                                  "file, or a checkpoint.pt; the tiny setting has its own")
     group = groups["system"]
-    group.add_argument("--out", default="out", help="output folder for results.json")
+    group.add_argument("--out", help="output folder (default: out/<setting>-<method>)")
     group.add_argument("--overwrite", action="store_true", help="replace the results in --out")
     group.add_argument("--seed", type=int, default=8, help="random seed (the released code's)")
     group.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     group.add_argument("--eval-batch-size", type=int,
                        help="images per evaluation batch (default 1024 on CUDA, 256 on CPU)")
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                       help="data-loader processes (default: the CPU cores, at most 8)")
+                       help="loader processes decoding image files (the cores, at most 8)")
     group.add_argument("--cache-dir", default="~/.cache/codyra/eval", help="test images decoded "
                        "once as uint8 (150 KB each, ~15 GB for MTIL); 'none': at every evaluation")
     return groups
@@ -145,9 +164,15 @@ def check_arguments(p, args):
     if any(d not in known for d in args.datasets or ()):
         p.error(f"--datasets {','.join(args.datasets)}: --setting {args.setting} has "
                 f"{','.join(known)}")
+    if args.datasets and len(set(args.datasets)) < len(args.datasets):
+        p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
     args.eval_style = args.eval_style or SETTINGS[args.setting]["eval_style"]
     if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
         p.error("--eval-batch-size must be >= 1 and --workers >= 0")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; choose a folder")
 
 
 def load_setting(args, shots=None):
@@ -164,16 +189,46 @@ def load_setting(args, shots=None):
             model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
         else:
             model = clip_model.load(args.model or "ViT-B/16")
+        cache = None if args.cache_dir == "none" else args.cache_dir
+        data.prepare(tasks, model.visual.input_resolution, cache, args.workers)
     except (data.DataError, clip_model.CLIPLoadError) as e:
         sys.exit(f"error: {e}")
-    cache = None if args.cache_dir == "none" else args.cache_dir
-    data.prepare(tasks, model.visual.input_resolution, cache, args.workers)
     return tasks, model
+
+
+def claim(out):
+    """Make the output folder and lock it for the life of this process: a second run into the
+    same folder stops with one line instead of mixing its files into this one's."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is writing to {out}; wait for it or choose another --out")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out {out} ({e.strerror}); choose another folder")
+    return lock  # held until the process ends
+
+
+def environment(device):
+    """Where a run ran: versions, the device, the project's git commit when there is one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True,
+                         capture_output=True)
+    return {"torch": str(torch.__version__), "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+            "commit": git.stdout.strip() or None}
 
 
 def pick_device(name):
     """The run's device, printed once: fp32 weights everywhere, bf16 autocast on CUDA only."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        sys.exit(f"error: --device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {name}: torch sees no CUDA GPU here; use --device cpu")
     print(f"device: {device} ({'bf16 autocast, ' * (device.type == 'cuda')}fp32 weights)")
     return device
 
@@ -189,17 +244,18 @@ def write_json(path, obj):
 
 # --- zero-shot (or any checkpoint's) accuracy: one row
 def main():
-    p = argparse.ArgumentParser(description="Evaluate CLIP (zero-shot, or a checkpoint of this "
-                                            "project) on every dataset of a setting.")
+    p = Parser("Evaluate CLIP (zero-shot, or a checkpoint of this project) on every dataset of "
+               "a setting.")
     add_arguments(p)
     args = p.parse_args()
+    args.out = args.out or os.path.join("out", f"{args.setting}-zeroshot")
     check_arguments(p, args)
     results_path = os.path.join(args.out, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")
     device = pick_device(args.device)
     tasks, model = load_setting(args)
-    os.makedirs(args.out, exist_ok=True)
+    lock = claim(args.out)  # noqa: F841
     start, names = time.time(), [t.name for t in tasks]
     with autocast(device):
         row = evaluate(model.to(device), tasks, args.eval_style == "union", device,
@@ -210,7 +266,7 @@ def main():
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
     write_json(results_path, {"setting": args.setting, "datasets": names, "acc": [row],
                               "metrics": metrics, "seconds": time.time() - start,
-                              "args": vars(args)})
+                              "args": vars(args), "environment": environment(device)})
     print(f"wrote {results_path}")
 
 

@@ -323,9 +323,13 @@ def pretrained(seed=0, cache_dir=None, log=print):
     path = os.path.join(cache_dir or os.path.expanduser("~/.cache/codyra"),
                         f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     if os.path.exists(path):
-        model = clip_model.CLIP(**config)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        return model.eval()
+        try:
+            model = clip_model.CLIP(**config)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["state_dict"])
+            return model.eval()
+        except Exception as e:  # noqa: BLE001  truncated or foreign: made again below
+            print(f"{path} is unreadable ({type(e).__name__}); pretraining the tiny CLIP again")
     if log:
         log(f"pretraining the tiny CLIP (once; cached in {path})")
     model, _ = pretrain(seed, config, **PRETRAIN, log=log)

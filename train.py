@@ -6,9 +6,10 @@ Reads top-down: config, data and model, one task, the sequence, the report.
     python train.py --setting mtil --shots 5          # paper Table 2 (ViT-B/16, GPU)
     python train.py --setting xtail --method lora     # Table 1, adapters without rank selection
 """
-import argparse
 import math
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -28,15 +29,16 @@ RECIPES = {
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=300, batch_size=32, lr=2e-3, lr_full=1e-4),
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
-RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot",
-                 "eval_batch_size"}  # may change on --resume; every other flag defines the run
+RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
+                 "data_dir", "eval_batch_size"}  # may change on --resume; the rest define the run
 
 
 def recipe_help(key):  # the defaults as RECIPES states them, so that no help text drifts
     return "default: the setting's, " + ", ".join(f"{r[key]} {s}" for s, r in RECIPES.items())
 
 
-p = argparse.ArgumentParser(description="Continual learning of CLIP with CoDyRA.")
+p = evaluation.Parser("Continual learning of CLIP with CoDyRA: learn the tasks of a setting in "
+                      "turn and print the paper's tables.")
 groups = evaluation.add_arguments(p)
 groups["data"].add_argument("--shots", type=int,
                             help="training images per class; " + recipe_help("shots"))
@@ -63,6 +65,7 @@ group = groups["system"]
 group.add_argument("--resume", action="store_true", help="continue the run in --out")
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
+args.out = args.out or os.path.join("out", f"{args.setting}-{args.method}")
 evaluation.check_arguments(p, args)
 recipe = dict(RECIPES[args.setting])
 recipe["lr"] = recipe["lr_full" if args.method == "full" else "lr"]
@@ -71,17 +74,19 @@ for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr"):  # what n
         setattr(args, key, recipe[key])
 if min(args.shots, args.rank, args.iterations, args.batch_size) < 1:
     p.error("--shots, --rank, --iterations and --batch-size must be >= 1")
-if not (0 <= args.dense_ratio <= 1 and args.kappa_max >= 0 and args.lr > 0):
-    p.error("--dense-ratio must lie in [0, 1], --kappa-max be >= 0 and --lr > 0")
+if not (0 <= args.dense_ratio <= 1 and 0 <= args.kappa_max < math.inf
+        and 0 < args.lr < math.inf and 0 <= args.weight_decay < math.inf):  # NaN fails each too
+    p.error("--dense-ratio must lie in [0, 1], --kappa-max and --weight-decay be finite and >= 0, "
+            "--lr finite and > 0")
 try:
     placement = codyra.clip_placement(args.encoders, tuple(args.layers.split(",")))
 except ValueError as e:
     p.error(str(e))
 results_path = os.path.join(args.out, "results.json")
 ckpt_path = os.path.join(args.out, "checkpoint.pt")
-if os.path.exists(results_path) and not (args.resume or args.overwrite):
-    p.error(f"{results_path} holds another run; pass --resume to continue it, --overwrite to "
-            "replace it, or choose another --out")
+if any(map(os.path.exists, (results_path, ckpt_path))) and not (args.resume or args.overwrite):
+    p.error(f"{args.out} holds another run; pass --resume to continue it, --overwrite to replace "
+            "it, or choose another --out")
 if args.resume and not os.path.exists(ckpt_path):
     p.error(f"--resume: no checkpoint at {ckpt_path}")
 if args.plot and not analysis.can_plot():
@@ -93,29 +98,39 @@ device = evaluation.pick_device(args.device)
 autocast = evaluation.autocast(device)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
 tasks, model = evaluation.load_setting(args, args.shots)
+widths = [min(m.weight.shape) for n, m in model.named_modules()
+          if isinstance(m, torch.nn.Linear) and placement(n)]
+if args.rank > min(widths):
+    p.error(f"--rank {args.rank} exceeds the narrowest adapted layer ({min(widths)})")
+lock = evaluation.claim(args.out)  # one run at a time in --out, for the life of this process
 pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every task's drift
 results = {"setting": args.setting, "datasets": [t.name for t in tasks], "acc": [],
            "analysis": [], "seconds": [], "args": vars(args)}
 if args.resume:  # the weights and results of the finished tasks
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    changed = [k for k, v in saved["results"]["args"].items()
-               if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = [k for k, v in saved["results"]["args"].items()
+                   if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
+        if not changed:
+            model.load_state_dict(saved["model"])
+            results.update({k: saved["results"][k] for k in ("acc", "analysis", "seconds")})
+    except Exception as e:  # truncated, not this project's, or --model's shapes changed
+        sys.exit(f"error: --resume: cannot continue from {ckpt_path} ({type(e).__name__}: "
+                 f"{' '.join(str(e).split())[:150]}); start again with --overwrite")
     if changed:  # a resumed run must be the same experiment; only how it runs may change
         p.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
                 f"the run in {args.out}; pass the same values, or start a new run elsewhere")
-    model.load_state_dict(saved["model"])
-    results.update({k: saved["results"][k] for k in ("acc", "analysis", "seconds")})
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
-os.makedirs(args.out, exist_ok=True)
+results["environment"] = evaluation.environment(device)
+signal.signal(signal.SIGINT, lambda *_: sys.exit(  # Ctrl-C: one line, the finished tasks kept
+    f"\ninterrupted: finished tasks are saved in {args.out}; continue with --resume"))
 
 
 # --- one task: inject fresh adapters, train, merge
 def batches(images, seed):
     """Endless shuffled batches, in an order that depends on (seed, task) alone."""
-    loader = torch.utils.data.DataLoader(
-        images, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0)
+    loader = images.batches(args.batch_size, args.workers, device.type == "cuda",
+                            shuffle=torch.Generator().manual_seed(seed))
     while True:
         yield from loader
 
@@ -161,6 +176,9 @@ def train_task(t, task, earlier_text):
             print(f"task {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
                   f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}"
                   f"{(it + 1) * args.batch_size / seconds:.0f} img/s", flush=True)
+    if not torch.isfinite(loss):  # a NaN or inf loss ruins the weights: keep the saved ones
+        sys.exit(f"error: task {t + 1} ({task.name}): the loss became {loss.item()}; lower --lr "
+                 f"(the tasks before are saved in {args.out}: --resume)")
     report = analysis.task_report(model, start, pretrained)  # needs the adapters: before merge
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
     return report
@@ -181,10 +199,13 @@ for t in range(len(results["acc"]), len(tasks)):
     results["acc"].append(row)
     results["analysis"].append(report)
     results["seconds"].append({"train": trained - began, "eval": time.time() - trained})
-    # the checkpoint first (it holds the results too), then the readable copy; both atomic
-    with clip_model.atomic(ckpt_path) as tmp:
-        torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, tmp)
-    evaluation.write_json(results_path, results)
+    try:  # the checkpoint first (it holds the results too), then the readable copy; atomic
+        with clip_model.atomic(ckpt_path) as tmp:
+            torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, tmp)
+        evaluation.write_json(results_path, results)
+    except (OSError, RuntimeError) as e:  # a full disk: the files of the task before stay whole
+        sys.exit(f"error: cannot save task {t + 1} in {args.out} ({' '.join(str(e).split())[:100]}"
+                 "); free some space, then continue with --resume")
     print(evaluation.format_matrix(results["acc"], results["datasets"]))
     print(analysis.format_report(report))
     if args.plot:
