@@ -56,15 +56,21 @@ def format_header(datasets, label=""):
     return f"{label:<10}" + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"
 
 
-def format_matrix(acc, datasets):
-    """The accuracy matrix so far, one row per finished task, with each row's mean."""
-    rows = [format_row(datasets[t][:9], row + [sum(row) / len(row)]) for t, row in enumerate(acc)]
+def format_matrix(acc, datasets, zero_shot=None):
+    """The accuracy matrix so far, one row per finished task (after the zero-shot row, if given),
+    with each row's mean."""
+    named = ([("zero-shot", zero_shot)] if zero_shot else []) + [
+        (datasets[t][:9], row) for t, row in enumerate(acc)]
+    rows = [format_row(name, row + [sum(row) / len(row)]) for name, row in named]
     return "\n".join([format_header(datasets, "after")] + rows)
 
 
-def format_table(metrics, datasets):
-    """The paper's table: Transfer, Average and Last rows, one column per dataset, and the mean."""
+def format_table(metrics, datasets, zero_shot=None):
+    """The paper's table: Transfer, Average and Last rows, one column per dataset, and the mean;
+    with the zero-shot model's means beside (the metrics of its row, as the paper's)."""
     rows = [format_row(name.capitalize(), metrics[name]["per_dataset"] + [metrics[name]["mean"]])
+            + (f"   (zero-shot {zero_shot[name]['mean']:.1f})"
+               if zero_shot and zero_shot[name]["mean"] is not None else "")
             for name in ("transfer", "average", "last")]
     return "\n".join([format_header(datasets)] + rows)
 

@@ -30,7 +30,7 @@ RECIPES = {
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
-                 "data_dir", "eval_batch_size"}  # may change on --resume; the rest define the run
+                 "data_dir", "eval_batch_size", "no_zero_shot"}  # the rest define the run
 
 
 def recipe_help(key):  # the defaults as RECIPES states them, so that no help text drifts
@@ -64,6 +64,8 @@ group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight
 group = groups["system"]
 group.add_argument("--resume", action="store_true", help="continue the run in --out")
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
+group.add_argument("--no-zero-shot", action="store_true",
+                   help="skip the evaluation before the first task (the zero-shot row)")
 args = p.parse_args()
 args.out = args.out or os.path.join("out", f"{args.setting}-{args.method}")
 evaluation.check_arguments(p, args)
@@ -113,7 +115,7 @@ if args.resume:  # the weights and results of the finished tasks
                    if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
         if not changed:
             model.load_state_dict(saved["model"])
-            results.update({k: saved["results"][k] for k in ("acc", "analysis", "seconds")})
+            results.update({k: v for k, v in saved["results"].items() if k != "args"})
     except Exception as e:  # truncated, not this project's, or --model's shapes changed
         sys.exit(f"error: --resume: cannot continue from {ckpt_path} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:150]}); start again with --overwrite")
@@ -185,6 +187,11 @@ def train_task(t, task, earlier_text):
 
 
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
+if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
+    with autocast:
+        results["zero_shot"] = evaluation.evaluate(model, tasks, args.eval_style == "union",
+                                                   device, args.eval_batch_size, args.workers)
+    print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
 for t in range(len(results["acc"]), len(tasks)):
     task, began = tasks[t], time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
@@ -206,16 +213,19 @@ for t in range(len(results["acc"]), len(tasks)):
     except (OSError, RuntimeError) as e:  # a full disk: the files of the task before stay whole
         sys.exit(f"error: cannot save task {t + 1} in {args.out} ({' '.join(str(e).split())[:100]}"
                  "); free some space, then continue with --resume")
-    print(evaluation.format_matrix(results["acc"], results["datasets"]))
+    print(evaluation.format_matrix(results["acc"], results["datasets"], results.get("zero_shot")))
     print(analysis.format_report(report))
     if args.plot:
         analysis.plot(results, args.out)
 
 # --- report
 results["metrics"] = evaluation.compute_metrics(results["acc"])
+if "zero_shot" in results:  # the paper's zero-shot row: the pretrained model as every row
+    results["zero_shot_metrics"] = evaluation.compute_metrics([results["zero_shot"]])
 evaluation.write_json(results_path, results)
 print(f"\n{args.method} on {args.setting}: accuracy (%) after the whole sequence")
-print(evaluation.format_table(results["metrics"], results["datasets"]))
+print(evaluation.format_table(results["metrics"], results["datasets"],
+                              results.get("zero_shot_metrics")))
 if args.method != "full":
     kept = " ".join(f"{r['ranks']['mean']:.1f}" for r in results["analysis"])
     print(f"mean active rank per task: {kept}  (of {args.rank})")

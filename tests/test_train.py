@@ -76,3 +76,21 @@ def test_eval_script_writes_one_row(tiny_weights, tmp_path):
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["acc"]) == 1 and len(res["acc"][0]) == len(res["datasets"]) >= 5
+
+
+def test_zero_shot_row_comes_first_and_equals_eval_py(tiny_weights, tmp_path):
+    """Every run records the model before its first task as the zero-shot row, which is what
+    eval.py gives for the same model."""
+    argv = ["--setting", "tiny", "--datasets", "shapes,digits", "--model", tiny_weights,
+            "--workers", "0"]
+    trained = run(*FAST[2:], *argv, "--out", str(tmp_path / "train"))
+    assert trained.returncode == 0, trained.stderr
+    evaluated = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv,
+                                "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True,
+                               text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    res = json.loads((tmp_path / "train" / "results.json").read_text())
+    row = json.loads((tmp_path / "eval" / "results.json").read_text())["acc"][0]
+    assert res["zero_shot"] == row and len(res["acc"]) == 2
+    assert res["zero_shot_metrics"]["last"]["mean"] == sum(row) / 2
+    assert trained.stdout.index("zero-shot") < trained.stdout.index("task 1/")
