@@ -119,6 +119,10 @@ def add_arguments(p):
     group.add_argument("--data-dir", default="data", help="folder holding the datasets (README)")
     group.add_argument("--datasets", help="comma-separated datasets in order (default: all)")
     group.add_argument("--download", action="store_true", help="let torchvision fetch what it can")
+    group.add_argument("--layout", choices=sorted(data.LAYOUTS), help="the datasets' folders and "
+                       "splits (README, Data); default: the setting's (data.BENCHMARKS)")
+    group.add_argument("--prompts", choices=data.PROMPTS, help="class prompts (README, Prompts); "
+                       "training uses the first of each class; default: the setting's")
     group.add_argument("--eval-style", choices=["task-aware", "union"],
                        help="each image among its own dataset's classes (MTIL) or among all "
                             "datasets' classes (X-TAIL); default: the setting's")
@@ -145,7 +149,11 @@ def check_arguments(p, args):
     if any(d not in known for d in args.datasets or ()):
         p.error(f"--datasets {','.join(args.datasets)}: --setting {args.setting} has "
                 f"{','.join(known)}")
-    args.eval_style = args.eval_style or SETTINGS[args.setting]["eval_style"]
+    if args.setting == "tiny" and (args.layout or args.prompts):
+        p.error("--layout and --prompts are for mtil and xtail: the tiny world has its own")
+    cfg = SETTINGS[args.setting]
+    args.eval_style = args.eval_style or cfg["eval_style"]
+    args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
     if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
         p.error("--eval-batch-size must be >= 1 and --workers >= 0")
 
@@ -159,7 +167,7 @@ def load_setting(args, shots=None):
             tasks = tiny_world.tasks(shots, args.seed, args.datasets)
         else:
             tasks = data.load_tasks(args.setting, args.data_dir, shots, args.seed, args.datasets,
-                                    args.download)
+                                    args.download, args.layout, args.prompts)
         if args.setting == "tiny" and args.model in (None, "tiny"):
             model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
         else:

@@ -38,7 +38,8 @@ def test_existing_results_are_not_overwritten(tiny_weights, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--shots", "0"], ["--rank", "0"], ["--dense-ratio", "1.5"],
-                                   ["--datasets", "nosuchset"], ["--layers", "q,nosuch"]])
+                                   ["--datasets", "nosuchset"], ["--layers", "q,nosuch"],
+                                   ["--prompts", "photo"], ["--layout", "coop"]])
 def test_impossible_flags_are_refused(flags, tmp_path):
     """Impossible flag values stop argparse with a one-line message and no traceback."""
     out = run(*FAST, *flags, "--out", str(tmp_path))
