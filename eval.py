@@ -133,6 +133,8 @@ def add_arguments(p):
     group.add_argument("--overwrite", action="store_true", help="replace the results in --out")
     group.add_argument("--seed", type=int, default=8, help="random seed (the released code's)")
     group.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: "
+                       "autocast, fp32 weights, CUDA only (README, Precision: why not the default)")
     group.add_argument("--eval-batch-size", type=int,
                        help="images per evaluation batch (default 1024 on CUDA, 256 on CPU)")
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -179,15 +181,17 @@ def load_setting(args, shots=None):
     return tasks, model
 
 
-def pick_device(name):
-    """The run's device, printed once: fp32 weights everywhere, bf16 autocast on CUDA only."""
+def pick_device(name, precision="fp32"):
+    """The run's device, printed once: fp32 weights, bf16 autocast if asked (CUDA only)."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"device: {device} ({'bf16 autocast, ' * (device.type == 'cuda')}fp32 weights)")
+    if precision == "bf16" and device.type != "cuda":
+        sys.exit(f"error: --precision bf16 needs CUDA; on {device}, use --precision fp32")
+    print(f"device: {device} ({'bf16 autocast, ' * (precision == 'bf16')}fp32 weights)")
     return device
 
 
-def autocast(device):
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision):
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def write_json(path, obj):
@@ -205,11 +209,11 @@ def main():
     results_path = os.path.join(args.out, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.precision)
     tasks, model = load_setting(args)
     os.makedirs(args.out, exist_ok=True)
     start, names = time.time(), [t.name for t in tasks]
-    with autocast(device):
+    with autocast(device, args.precision):
         row = evaluate(model.to(device), tasks, args.eval_style == "union", device,
                        args.eval_batch_size, args.workers)
     metrics = compute_metrics([row])
