@@ -58,19 +58,17 @@ PROMPTS = ("ensemble", "first", "photo")  # --prompts: see class_prompts
 
 
 def class_prompts(name, classnames, prompts):
-    """(class names, templates) of dataset `name` for a --prompts choice, from the names its layout
-    gives ('_' read as ' '); evaluation averages the templates, training uses the first.
-    ensemble: ZSCL's template ensemble, plain names (the MTIL zero-shot row). first: the released
-    code's template and names (EuroSAT's " satellite location"; CIFAR100: "a photo of a {}.").
-    photo: RAIL's "a photo of a {}." for every class, over the names RAIL scores (its loaders are
-    the released code's; MNIST's as RAIL wraps them, 'number: "0 - zero"')."""
+    """(class names, templates) of dataset `name` for a --prompts choice (README, Prompts), from
+    the names its layout gives; evaluation averages the templates, training uses the first."""
     names = [c.replace("_", " ") for c in classnames]
-    if prompts == "ensemble":
+    if prompts == "ensemble":  # ZSCL's, plain names
         return names, list(ASSETS["mtil"][name]["templates"])
+    # the released code's template and names (EuroSAT's " satellite location"); CIFAR100: ZSCL's
     entry = ASSETS["xtail"].get(name, {"template": ASSETS["mtil"][name]["templates"][0]})
     names = [c + entry.get("classname_suffix", "") for c in names]
     if prompts == "first":
         return names, [entry["template"]]
+    # photo: RAIL's, over the same names (RAIL's loaders), MNIST's as RAIL has them
     return [f'number: "{c}"' if name == "mnist" else c for c in names], ["a photo of a {}."]
 
 
