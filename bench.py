@@ -6,8 +6,9 @@ generated images (no data, no download). Prints one table, every row measured in
     python bench.py --compile              # adds torch.compile rows, compile time included
 
 plain = the released code: fp32, 77-token text, every test JPEG decoded at every evaluation;
-fast = this project: bf16 autocast on CUDA (fp32 on CPU, as train.py), text cut to the longest
-prompt, test images from the uint8 cache. Peak MB: CUDA, the row's own; CPU, the process's so far.
+fast = this project: text cut to the longest prompt, test images from the uint8 cache, in fp32
+(train.py's default --precision) and, on CUDA, also in bf16 autocast (--precision bf16).
+Peak MB: CUDA, the row's own; CPU, the process's so far.
 """
 import argparse
 import contextlib
@@ -45,7 +46,7 @@ B, iters = args.batch_size or (64 if cuda else 4), args.iters or (20 if cuda els
 C, N = args.classes or (100 if cuda else 10), args.test_images or (4096 if cuda else 32)
 if min(B, iters, C, N) < 1 or args.workers < 0:
     p.error("--batch-size, --iters, --classes and --test-images must be >= 1, --workers >= 0")
-fast_amp, fast = cuda, "bf16" if cuda else "fp32"  # the fast path's autocast: bf16 on CUDA only
+AMP = {"fp32": False, "bf16": True} if cuda else {"fp32": False}  # a fast row each: autocast?
 sync = torch.cuda.synchronize if cuda else (lambda: None)  # wait for the GPU before a clock read
 autocast = functools.partial(torch.autocast, device.type, torch.bfloat16)  # autocast(enabled=...)
 rows = []  # (what, path, items/s, seconds per call, peak MB, plain seconds for the ratio)
@@ -78,7 +79,7 @@ def full_text(m, on=True):
     return mock.patch.object(m, "encode_text", plain) if on else contextlib.nullcontext()
 
 
-def inference(fn, *args, amp=fast_amp, full=False):
+def inference(fn, *args, amp=False, full=False):
     """fn(*args) as a call to time: no autograd, under autocast(amp) and full_text(model, full)."""
     def run():
         with torch.no_grad(), autocast(enabled=amp), full_text(model, full):
@@ -133,15 +134,16 @@ def train_step(m, amp, full):
 trainee = codyra.inject(copy.deepcopy(model), 16, where=codyra.clip_placement()).train()
 plain = row("training, rank 16, all placements", "plain: fp32, 77-token text", B,
             train_step(trainee, False, True))
-row("", f"fast: {fast}, text cut to {L}", B, train_step(trainee, fast_amp, False), plain=plain)
+for prec, amp in AMP.items():
+    row("", f"fast: {prec}, text cut to {L}", B, train_step(trainee, amp, False), plain=plain)
 if args.compile:
     trainee.visual.compile()
     trainee.transformer.compile()
     start = time.perf_counter()
-    train_step(trainee, fast_amp, False)()
+    train_step(trainee, False, False)()
     sync()
-    row("", f"fast + compile (first step {time.perf_counter() - start:.0f}s)", B,
-        train_step(trainee, fast_amp, False), plain=plain)
+    row("", f"fast: fp32 + compile (first step {time.perf_counter() - start:.0f}s)", B,
+        train_step(trainee, False, False), plain=plain)
 del trainee
 
 # --- evaluation: the whole evaluate() of one test set (text features, loader, forward passes)
@@ -150,13 +152,17 @@ plain = row(f"evaluation, {N} JPEGs 500x375", "plain: fp32, 77 tokens, decode", 
 start = time.perf_counter()
 cached = test.cached("bench", os.path.join(tmp, "cache"), args.workers)
 build_s = time.perf_counter() - start
-row("", f"fast: {fast}, cut, uint8 cache", N, inference(evaluate(cached)), n=1, plain=plain)
+for prec, amp in AMP.items():
+    row("", f"fast: {prec}, cut, uint8 cache", N, inference(evaluate(cached), amp=amp), n=1,
+        plain=plain)
 rows.append(("", "  (building the cache, once)", N / build_s, build_s, peak_mb(), None))
 
 # --- text tower: cut vs 77 tokens; image inference: never-injected vs injected vs merged
 plain = row(f"text tower, {C} prompts", "plain: fp32, 77 tokens", C,
             inference(encode_text_full, model, tokens, amp=False))
-row("", f"fast: {fast}, cut to {L}", C, inference(model.encode_text, tokens), plain=plain)
+for prec, amp in AMP.items():
+    row("", f"fast: {prec}, cut to {L}", C, inference(model.encode_text, tokens, amp=amp),
+        plain=plain)
 with torch.no_grad():
     same = torch.allclose(encode_text_full(model, tokens), model.encode_text(tokens), atol=1e-4)
 images = clip_model.normalize(pixels)

@@ -30,21 +30,47 @@ from PIL import Image
 import clip_model
 
 # --- the benchmarks (plain data)
-BENCHMARKS = {  # datasets in task order: (classes, test images) of the real data
+BENCHMARKS = {  # datasets in task order, evaluation style, defaults of --layout and --prompts
     # paper Table 2, order I; task-aware: each image among its own dataset's classes
-    "mtil": {"eval_style": "task-aware", "layout": "torchvision", "datasets": {
-        "aircraft": (100, 3333), "caltech101": (101, 1736), "cifar100": (100, 10000),
-        "dtd": (47, 1880), "eurosat": (10, 5400), "flowers": (102, 6149), "food": (101, 25250),
-        "mnist": (10, 10000), "pets": (37, 3669), "cars": (196, 8041), "sun397": (397, 21751)}},
+    "mtil": {"eval_style": "task-aware", "layout": "torchvision", "prompts": "ensemble",
+             "datasets": ("aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers",
+                          "food", "mnist", "pets", "cars", "sun397")},
     # paper Table 1: MTIL without cifar100; union: among all 1,100 classes at once
-    "xtail": {"eval_style": "union", "layout": "coop", "datasets": {
-        "aircraft": (100, 3333), "caltech101": (100, 2465), "dtd": (47, 1692),
-        "eurosat": (10, 8100), "flowers": (102, 2463), "food": (101, 30300), "mnist": (10, 10000),
-        "pets": (37, 3669), "cars": (196, 8041), "sun397": (397, 19850)}},
+    "xtail": {"eval_style": "union", "layout": "coop", "prompts": "first",
+              "datasets": ("aircraft", "caltech101", "dtd", "eurosat", "flowers", "food",
+                           "mnist", "pets", "cars", "sun397")},
+}
+_TORCHVISION_ONLY = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000)}
+SIZES = {  # (classes, train images, test images) of the real data in each layout
+    "torchvision": {"aircraft": (100, 3334, 3333), "caltech101": (101, 6941, 1736),
+                    "dtd": (47, 1880, 1880), "eurosat": (10, 21600, 5400),
+                    "flowers": (102, 1020, 6149), "food": (101, 75750, 25250),
+                    "pets": (37, 3680, 3669), "cars": (196, 8144, 8041),
+                    "sun397": (397, 87003, 21751), **_TORCHVISION_ONLY},
+    "coop": {"aircraft": (100, 3334, 3333), "caltech101": (100, 4128, 2465),  # CoOp's Table 1
+             "dtd": (47, 2820, 1692), "eurosat": (10, 13500, 8100), "flowers": (102, 4093, 2463),
+             "food": (101, 50500, 30300), "pets": (37, 2944, 3669), "cars": (196, 6509, 8041),
+             "sun397": (397, 15880, 19850), **_TORCHVISION_ONLY},
 }
 ASSETS = json.loads((Path(__file__).parent / "assets" / "classnames_templates.json").read_text())
 MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate(
     "zero one two three four five six seven eight nine".split())]  # torchvision MNIST.classes
+PROMPTS = ("ensemble", "first", "photo")  # --prompts: see class_prompts
+
+
+def class_prompts(name, classnames, prompts):
+    """(class names, templates) of dataset `name` for a --prompts choice (README, Prompts), from
+    the names its layout gives; evaluation averages the templates, training uses the first."""
+    names = [c.replace("_", " ") for c in classnames]
+    if prompts == "ensemble":  # ZSCL's, plain names
+        return names, list(ASSETS["mtil"][name]["templates"])
+    # the released code's template and names (EuroSAT's " satellite location"); CIFAR100: ZSCL's
+    entry = ASSETS["xtail"].get(name, {"template": ASSETS["mtil"][name]["templates"][0]})
+    names = [c + entry.get("classname_suffix", "") for c in names]
+    if prompts == "first":
+        return names, [entry["template"]]
+    # photo: RAIL's, over the same names (RAIL's loaders), MNIST's as RAIL has them
+    return [f'number: "{c}"' if name == "mnist" else c for c in names], ["a photo of a {}."]
 
 
 class DataError(Exception):
@@ -56,7 +82,7 @@ class DataError(Exception):
 class Task:
     name: str
     classnames: list  # index = label
-    templates: list   # evaluation ensemble (MTIL) or the single template (X-TAIL); train uses [0]
+    templates: list   # evaluation averages them, training uses [0] (data.class_prompts)
     train: "ImageSet"
     test: "ImageSet"
 
@@ -349,9 +375,10 @@ LAYOUTS = {
         "cars": (("stanford_cars",), _CARS, _cars),
         "sun397": (("SUN397",), ("ClassName.txt",), _sun397),
     },
-    "coop": {  # CoOp's DATASETS.md
+    "coop": {  # CoOp's DATASETS.md; CIFAR100 and MNIST as torchvision has them
         "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT, _aircraft),
         "caltech101": _coop(("caltech-101", "caltech101"), "Caltech101", "101_ObjectCategories"),
+        "cifar100": (("cifar-100-python",), ("train", "test", "meta"), _cifar100),
         "dtd": _coop(("dtd", "dtd/dtd"), "DescribableTextures", "images"),
         "eurosat": _coop(("eurosat", "EuroSAT"), "EuroSAT", "2750"),
         "flowers": _coop(("oxford_flowers", "flowers-102"), "OxfordFlowers", "jpg"),
@@ -368,7 +395,7 @@ _TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101",
                       "cifar100": "CIFAR100", "dtd": "DTD", "eurosat": "EuroSAT",
                       "flowers": "Flowers102", "food": "Food101", "mnist": "MNIST",
                       "pets": "OxfordIIITPet", "sun397": "SUN397"}  # cars: none
-_DOWNLOADABLE = {"torchvision": set(_TORCHVISION_CLASS), "coop": {"aircraft", "mnist"}}
+_DOWNLOADABLE = {"torchvision": set(_TORCHVISION_CLASS), "coop": {"aircraft", "cifar100", "mnist"}}
 
 
 def _missing(name, layout, data_dir, download_error=None):
@@ -401,11 +428,13 @@ def _download(name, data_dir):
 
 
 # --- the one entry point
-def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=False):
-    """The tasks of a benchmark in order, train sets `shots`-shot (None: full). Finds every dataset
-    (downloading what torchvision can if asked), then indexes each; a problem raises DataError."""
+def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=False,
+               layout=None, prompts=None):
+    """The tasks of a benchmark in order, train sets `shots`-shot (None: full), read from `layout`
+    with `prompts` (None: the benchmark's). Finds every dataset (downloading what torchvision can
+    if asked), then indexes each; a problem raises DataError, a size unlike SIZES warns."""
     cfg = BENCHMARKS[benchmark]
-    layout, names = cfg["layout"], list(datasets or cfg["datasets"])
+    layout, names = layout or cfg["layout"], list(datasets or cfg["datasets"])
     data_dir = Path(data_dir).expanduser()
 
     def find(name):  # the first folder that has everything, else None
@@ -441,12 +470,14 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
             for p in [] if isinstance(s.images, np.ndarray) else s.images:  # a stat each
                 if not os.path.isfile(p):
                     raise DataError(f"{name}: {p} is listed but missing; {folder} is incomplete")
-        entry = ASSETS[benchmark][name]
-        classnames = [c.replace("_", " ") + entry.get("classname_suffix", "") for c in classnames]
-        templates = entry["templates"] if benchmark == "mtil" else [entry["template"]]
+        found, known = (len(classnames), len(train), len(test)), SIZES[layout][name]
+        if found != known:  # another version on disk: say so and go on
+            say = "{} classes, {} train and {} test images".format
+            print(f"warning: {name} ({layout} layout) has {say(*found)}; expected {say(*known)}")
+        classnames, templates = class_prompts(name, classnames, prompts or cfg["prompts"])
         if shots:
             train = train.subset(few_shot(train.labels, shots, seed, name))
-        tasks.append(Task(name, classnames, list(templates), train, test))
+        tasks.append(Task(name, classnames, templates, train, test))
     return tasks
 
 

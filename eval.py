@@ -144,6 +144,10 @@ def add_arguments(p):
     group.add_argument("--data-dir", default="data", help="folder holding the datasets (README)")
     group.add_argument("--datasets", help="comma-separated datasets in order (default: all)")
     group.add_argument("--download", action="store_true", help="let torchvision fetch what it can")
+    group.add_argument("--layout", choices=sorted(data.LAYOUTS), help="the datasets' folders and "
+                       "splits (README, Data); default: the setting's (data.BENCHMARKS)")
+    group.add_argument("--prompts", choices=data.PROMPTS, help="class prompts (README, Prompts); "
+                       "training uses the first of each class; default: the setting's")
     group.add_argument("--eval-style", choices=["task-aware", "union"],
                        help="each image among its own dataset's classes (MTIL) or among all "
                             "datasets' classes (X-TAIL); default: the setting's")
@@ -154,6 +158,8 @@ def add_arguments(p):
     group.add_argument("--overwrite", action="store_true", help="replace the results in --out")
     group.add_argument("--seed", type=int, default=8, help="random seed (the released code's)")
     group.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: "
+                       "autocast, fp32 weights, CUDA only (README, Precision: why not the default)")
     group.add_argument("--eval-batch-size", type=int,
                        help="images per evaluation batch (default 1024 on CUDA, 256 on CPU)")
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -172,7 +178,11 @@ def check_arguments(p, args):
                 f"{','.join(known)}")
     if args.datasets and len(set(args.datasets)) < len(args.datasets):
         p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
-    args.eval_style = args.eval_style or SETTINGS[args.setting]["eval_style"]
+    if args.setting == "tiny" and (args.layout or args.prompts):
+        p.error("--layout and --prompts are for mtil and xtail: the tiny world has its own")
+    cfg = SETTINGS[args.setting]
+    args.eval_style = args.eval_style or cfg["eval_style"]
+    args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
     if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
         p.error("--eval-batch-size must be >= 1 and --workers >= 0")
     if args.seed < 0:
@@ -190,7 +200,7 @@ def load_setting(args, shots=None):
             tasks = tiny_world.tasks(shots, args.seed, args.datasets)
         else:
             tasks = data.load_tasks(args.setting, args.data_dir, shots, args.seed, args.datasets,
-                                    args.download)
+                                    args.download, args.layout, args.prompts)
         if args.setting == "tiny" and args.model in (None, "tiny"):
             model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
         else:
@@ -227,20 +237,22 @@ def environment(device):
             "commit": git.stdout.strip() or None}
 
 
-def pick_device(name):
-    """The run's device, printed once: fp32 weights everywhere, bf16 autocast on CUDA only."""
+def pick_device(name, precision="fp32"):
+    """The run's device, printed once: fp32 weights, bf16 autocast if asked (CUDA only)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         sys.exit(f"error: --device {name}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device {name}: torch sees no CUDA GPU here; use --device cpu")
-    print(f"device: {device} ({'bf16 autocast, ' * (device.type == 'cuda')}fp32 weights)")
+    if precision == "bf16" and device.type != "cuda":
+        sys.exit(f"error: --precision bf16 needs CUDA; on {device}, use --precision fp32")
+    print(f"device: {device} ({'bf16 autocast, ' * (precision == 'bf16')}fp32 weights)")
     return device
 
 
-def autocast(device):
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision):
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def write_json(path, obj):
@@ -259,11 +271,11 @@ def main():
     results_path = os.path.join(args.out, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.precision)
     tasks, model = load_setting(args)
     lock = claim(args.out)  # noqa: F841
     start, names = time.time(), [t.name for t in tasks]
-    with autocast(device):
+    with autocast(device, args.precision):
         row = evaluate(model.to(device), tasks, args.eval_style == "union", device,
                        args.eval_batch_size, args.workers)
     metrics = compute_metrics([row])

@@ -96,8 +96,8 @@ if args.plot and not analysis.can_plot():
     args.plot = False
 
 # --- data and model
-device = evaluation.pick_device(args.device)
-autocast = evaluation.autocast(device)
+device = evaluation.pick_device(args.device, args.precision)
+autocast = evaluation.autocast(device, args.precision)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
 tasks, model = evaluation.load_setting(args, args.shots)
 widths = [min(m.weight.shape) for n, m in model.named_modules()

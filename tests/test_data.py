@@ -1,7 +1,8 @@
 """Tests of data.py on tiny copies of every on-disk layout, written into tmp_path.
 
-`write_fake_layout(root, setting)` is the shared fixture: real folder and file names, a few
-8x8 images per class, real split-file formats (CoOp JSON, torchvision txt/json/.mat/pickle/idx).
+`write_fake_layout(root, setting, layout=None)` is the shared fixture: real folder and file names,
+a few 8x8 images per class, real split-file formats (CoOp JSON, torchvision txt/json/.mat/pickle/
+idx). Each dataset has 3 classes, so every load also warns that its sizes are not the real ones.
 """
 import io
 import json
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import ROOT
 
 # the first three classes of every dataset: (folder or raw name on disk, name in a CoOp split file)
 FAKE_CLASSES = {
@@ -85,9 +87,9 @@ def _idx(array):
     return bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.tobytes()
 
 
-def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
-    """Write a tiny copy of every dataset of `setting` ("mtil": torchvision, "xtail": CoOp) under
-    root.
+def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2, layout=None):
+    """Write a tiny copy of every dataset of `setting` under root, in `layout` (default: the
+    setting's; "coop" writes CIFAR100 and MNIST as torchvision does).
 
     Each class gets images_per_class train and images_per_class test images (the 80/20 datasets
     get 2 * images_per_class in all); MNIST uses labels 0..classes_per_dataset-1 of its 10.
@@ -96,7 +98,7 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
     assert 1 <= C <= 3
     jpg = _jpeg()
     splits = ("train", "test")
-    coop = setting == "xtail"
+    coop = (layout or data.BENCHMARKS[setting]["layout"]) == "coop"
 
     def images(folder, names):  # write each relative path as a jpg under folder
         for n in names:
@@ -125,6 +127,13 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
                 _touch(root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", _idx(labels))
                 _touch(root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte",
                        _idx(np.full((len(labels), 28, 28), 255, np.uint8)))
+        elif name == "cifar100":
+            d = root / "cifar-100-python"
+            _touch(d / "meta", pickle.dumps({"fine_label_names": raw, "coarse_label_names": ["x"]}))
+            for s in splits:
+                _touch(d / s, pickle.dumps({"data": np.zeros((C * K, 3072), np.uint8),
+                                            "fine_labels": [c for c in range(C)
+                                                            for _ in range(K)]}))
         elif coop:
             folder, split_file, image_dir = {
                 "caltech101": ("caltech-101", "split_zhou_Caltech101.json", "101_ObjectCategories"),
@@ -150,13 +159,6 @@ def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2):
             d = root / "caltech101/101_ObjectCategories"
             for folder in ["BACKGROUND_Google"] + [f for f, _ in raw]:
                 images(d / folder, [f"image_{i + 1:04d}.jpg" for i in range(2 * K)])
-        elif name == "cifar100":
-            d = root / "cifar-100-python"
-            _touch(d / "meta", pickle.dumps({"fine_label_names": raw, "coarse_label_names": ["x"]}))
-            for s in splits:
-                _touch(d / s, pickle.dumps({"data": np.zeros((C * K, 3072), np.uint8),
-                                            "fine_labels": [c for c in range(C)
-                                                            for _ in range(K)]}))
         elif name == "dtd":
             d = root / "dtd/dtd"
             for s in splits:
@@ -225,6 +227,11 @@ def mtil_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def xtail_root(tmp_path_factory):
     return write_fake_layout(tmp_path_factory.mktemp("xtail"), "xtail")
+
+
+@pytest.fixture(scope="module")
+def coop_root(tmp_path_factory):  # MTIL's 11 datasets in CoOp's layout (CIFAR100: torchvision's)
+    return write_fake_layout(tmp_path_factory.mktemp("coop"), "mtil", layout="coop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,12 +376,13 @@ def test_union_offsets_follow_task_order(xtail_root):
 
 def test_union_of_real_class_counts_is_1100():
     """With the real class counts, X-TAIL's union has 1,100 classes and sun397 starts at 703."""
-    counts = {n: c for n, (c, _) in data.BENCHMARKS["xtail"]["datasets"].items()}
+    counts = {n: data.SIZES["coop"][n][0] for n in data.BENCHMARKS["xtail"]["datasets"]}
     tasks = [data.Task(n, ["c"] * counts[n], [], None, None)
              for n in data.BENCHMARKS["xtail"]["datasets"]]
     offsets = data.union_offsets(tasks)
     assert offsets[-1] + counts["sun397"] == 1100 and offsets[-1] == 703
-    assert sum(c for c, _ in data.BENCHMARKS["mtil"]["datasets"].values()) == 1201
+    mtil = data.BENCHMARKS["mtil"]["datasets"]
+    assert sum(data.SIZES["torchvision"][n][0] for n in mtil) == 1201
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,3 +446,117 @@ def test_few_shot_is_the_same_in_another_process():
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
     assert out.strip() == str(data.few_shot([c for c in range(5) for _ in range(20)], 3, 7,
                                             "sun397"))
+
+
+# ----------------------------------------------------------------------------------------------
+# --prompts, --layout and the known sizes of each layout
+
+# the third class of every dataset as each layout names it
+THIRD = {"torchvision": {n: names[2] for n, names in EXPECTED["mtil"].items()}}
+THIRD["coop"] = {**THIRD["torchvision"], "eurosat": "Herbaceous Vegetation Land",
+                 "pets": "american pit bull terrier", "cars": "2012 Acura TL Sedan",
+                 "sun397": "shop bakery"}
+# dataset: its prompt with --prompts ensemble (the first of ZSCL's ensemble), first, photo
+PROMPTS = {
+    "aircraft": ["a photo of a {}, a type of aircraft."] * 2 + ["a photo of a {}."],
+    "caltech101": ["a photo of a {}."] * 3,
+    "cifar100": ["a photo of a {}."] * 3,
+    "dtd": ["a photo of a {} texture.", "{} texture.", "a photo of a {}."],
+    "eurosat": ["a centered satellite photo of {}.",
+                "a centered satellite photo of {} satellite location.",
+                "a photo of a {} satellite location."],
+    "flowers": ["a photo of a {}, a type of flower."] * 2 + ["a photo of a {}."],
+    "food": ["a photo of a {}, a type of food.", "a photo of {}, a type of food.",
+             "a photo of a {}."],
+    "mnist": ['a photo of the number: "{}".'] * 2 + ['a photo of a number: "{}".'],
+    "pets": ["a photo of a {}, a type of pet."] * 2 + ["a photo of a {}."],
+    "cars": ["a photo of a {}, a type of car.", "a photo of a {}.", "a photo of a {}."],
+    "sun397": ["a photo of a {}."] * 3,
+}
+
+
+@pytest.mark.parametrize("layout,tree", [("torchvision", "mtil_root"), ("coop", "coop_root")])
+def test_each_prompts_choice_gives_the_exact_prompts(layout, tree, request):
+    """Every dataset's third class gets the expected prompt from each --prompts choice, in either
+    layout; ensemble keeps ZSCL's whole ensemble, first and photo one template."""
+    root = request.getfixturevalue(tree)
+    for i, choice in enumerate(data.PROMPTS):
+        for t in data.load_tasks("mtil", root, layout=layout, prompts=choice):
+            expected = PROMPTS[t.name][i].format(THIRD[layout][t.name])
+            assert t.templates[0].format(t.classnames[2]) == expected, (choice, t.name)
+            assert len(t.templates) == (len(data.ASSETS["mtil"][t.name]["templates"])
+                                        if choice == "ensemble" else 1)
+
+
+def test_rail_prompt_for_all_1100_xtail_classes():
+    """--prompts photo: each of X-TAIL's 1,100 classes is "a photo of a {name}.", over the names
+    RAIL scores (EuroSAT's with " satellite location", MNIST's as 'number: "0 - zero"'): the
+    real class lists where the assets hold them, placeholders with the real counts elsewhere."""
+    eurosat = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
+               "Industrial Buildings", "Pasture Land", "Permanent Crop Land",
+               "Residential Buildings", "River", "Sea or Lake"]  # CoOp's split file
+    real = {"eurosat": eurosat, "mnist": data.MNIST_CLASSES,
+            "flowers": data.ASSETS["mtil"]["flowers"]["classnames"]}
+    prompts, expected = [], []
+    for name in data.BENCHMARKS["xtail"]["datasets"]:
+        raw = real.get(name) or [f"{name}_{i}" for i in range(data.SIZES["coop"][name][0])]
+        names, templates = data.class_prompts(name, raw, "photo")
+        assert templates == ["a photo of a {}."]
+        prompts += [templates[0].format(c) for c in names]
+        suffix = " satellite location" * (name == "eurosat")
+        expected += [f'a photo of a number: "{c}".' if name == "mnist" else
+                     f"a photo of a {c.replace('_', ' ')}{suffix}." for c in raw]
+    assert len(prompts) == 1100 and prompts == expected
+    assert prompts[0] == "a photo of a aircraft 0." and prompts[-1] == "a photo of a sun397 396."
+    assert 'a photo of a number: "7 - seven".' in prompts
+    assert "a photo of a Sea or Lake satellite location." in prompts
+
+
+def test_mtil_reads_coop_and_xtail_reads_torchvision(coop_root, mtil_root, capsys):
+    """--layout is independent of the setting: MTIL on CoOp's splits (CIFAR100 and MNIST from
+    torchvision), X-TAIL on torchvision's folders, each with that layout's names, splits and
+    known sizes (Caltech101: 100 classes in CoOp's layout, 101 in torchvision's)."""
+    mtil = data.load_tasks("mtil", coop_root, layout="coop")
+    assert [t.name for t in mtil] == list(data.BENCHMARKS["mtil"]["datasets"])
+    coop_names = {**EXPECTED["xtail"], "cifar100": EXPECTED["mtil"]["cifar100"],
+                  "eurosat": ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land"]}
+    for t in mtil:
+        assert t.classnames == coop_names[t.name] and len(t.train) == len(t.test) == 6, t.name
+        assert t.templates == data.ASSETS["mtil"][t.name]["templates"]
+    out = capsys.readouterr().out
+    assert "caltech101 (coop layout) has 3 classes, 6 train and 6 test images; expected 100 " \
+        "classes, 4128 train and 2465 test images" in out
+    xtail = data.load_tasks("xtail", mtil_root, layout="torchvision")
+    assert [t.name for t in xtail] == list(data.BENCHMARKS["xtail"]["datasets"])
+    for t in xtail:
+        suffix = " satellite location" * (t.name == "eurosat")
+        assert t.classnames == [c + suffix for c in EXPECTED["mtil"][t.name]], t.name
+        assert t.templates == [data.ASSETS["xtail"][t.name]["template"]]
+        assert len(t.train) == (9 if t.name in SPLIT_80_20 else 6), t.name
+    assert data.union_offsets(xtail)[-1] == 34  # 8 datasets of 3 classes, MNIST of 10
+    out = capsys.readouterr().out
+    assert "caltech101 (torchvision layout) has 3 classes, 9 train and 3 test images; expected " \
+        "101 classes, 6941 train and 1736 test images" in out
+    union = {layout: sum(data.SIZES[layout][n][0] for n in data.BENCHMARKS["xtail"]["datasets"])
+             for layout in data.SIZES}
+    assert union == {"coop": 1100, "torchvision": 1101}
+
+
+def test_a_size_unlike_the_known_one_warns_once_and_the_run_goes_on(xtail_root, tiny_weights,
+                                                                     tmp_path):
+    """eval.py on datasets of other sizes than the real ones prints one warning line per dataset,
+    naming it with both sizes, and evaluates every dataset all the same."""
+    out = subprocess.run([sys.executable, "eval.py", "--setting", "xtail", "--data-dir",
+                          str(xtail_root), "--datasets", "eurosat,mnist", "--prompts", "photo",
+                          "--model", tiny_weights, "--workers", "0", "--cache-dir", "none",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: eurosat (coop layout) has 3 classes, 6 train and 6 test images; expected 10 "
+        "classes, 13500 train and 8100 test images",
+        "warning: mnist (coop layout) has 10 classes, 6 train and 6 test images; expected 10 "
+        "classes, 60000 train and 10000 test images"]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["acc"][0]) == 2 and res["args"]["prompts"] == "photo"
+    assert res["args"]["layout"] == "coop"

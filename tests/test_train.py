@@ -38,11 +38,26 @@ def test_existing_results_are_not_overwritten(tiny_weights, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--shots", "0"], ["--rank", "0"], ["--dense-ratio", "1.5"],
-                                   ["--datasets", "nosuchset"], ["--layers", "q,nosuch"]])
+                                   ["--datasets", "nosuchset"], ["--layers", "q,nosuch"],
+                                   ["--prompts", "photo"], ["--layout", "coop"]])
 def test_impossible_flags_are_refused(flags, tmp_path):
     """Impossible flag values stop argparse with a one-line message and no traceback."""
     out = run(*FAST, *flags, "--out", str(tmp_path))
     assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_precision_fp32_on_cpu_is_the_default_path(tiny_weights, tmp_path):
+    """--precision fp32 on a CPU gives the accuracy matrix of a run without the flag, to the bit;
+    --precision bf16 on a CPU is refused in one line."""
+    for out, flags in (("default", []), ("fp32", ["--precision", "fp32"])):
+        done = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path / out), *flags)
+        assert done.returncode == 0 and "device: cpu (fp32 weights)" in done.stdout, done.stderr
+    default, fp32 = (json.loads((tmp_path / out / "results.json").read_text())["acc"]
+                     for out in ("default", "fp32"))
+    assert default == fp32
+    out = run(*FAST, "--device", "cpu", "--precision", "bf16", "--out", str(tmp_path / "bf16"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: --precision bf16 needs CUDA; on cpu, use --precision fp32"
 
 
 def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
