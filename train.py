@@ -92,10 +92,12 @@ if args.plot and not analysis.can_plot():
 device = evaluation.pick_device(args.device)
 autocast = evaluation.autocast(device)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
+began = time.time()
 tasks, model = evaluation.load_setting(args, args.shots)
 pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every task's drift
-results = {"setting": args.setting, "datasets": [t.name for t in tasks], "acc": [],
-           "analysis": [], "seconds": [], "args": vars(args)}
+results = {"setting": args.setting, "datasets": [t.name for t in tasks],
+           "classes": [len(t.classnames) for t in tasks], "acc": [], "analysis": [], "seconds": [],
+           "setup_seconds": time.time() - began, "args": vars(args)}
 if args.resume:  # the weights and results of the finished tasks
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     changed = [k for k, v in saved["results"]["args"].items()
@@ -110,6 +112,16 @@ os.makedirs(args.out, exist_ok=True)
 
 
 # --- one task: inject fresh adapters, train, merge
+def lap(times, phase, began):
+    """Note a phase's seconds, and on CUDA its peak memory (MB), in `times`; returns now."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times[phase + "_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    times[phase] = time.time() - began
+    return time.time()
+
+
 def batches(images, seed):
     """Endless shuffled batches, in an order that depends on (seed, task) alone."""
     loader = torch.utils.data.DataLoader(
@@ -120,8 +132,9 @@ def batches(images, seed):
         yield from loader
 
 
-def train_task(t, task, earlier_text):
-    """Learn one task (SPEC section 1). earlier_text: (P, E) features of earlier tasks' classes."""
+def train_task(t, task, earlier_text, times):
+    """Learn one task (SPEC section 1). earlier_text: (P, E) features of earlier tasks' classes;
+    times: gets the seconds of the optimizer steps ("steps"), the task's other work aside."""
     torch.manual_seed(args.seed + 1000 * t)
     if args.method == "full":
         for name, param in model.named_parameters():
@@ -161,6 +174,7 @@ def train_task(t, task, earlier_text):
             print(f"task {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
                   f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}"
                   f"{(it + 1) * args.batch_size / seconds:.0f} img/s", flush=True)
+    lap(times, "steps", began)
     report = analysis.task_report(model, start, pretrained)  # needs the adapters: before merge
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
     return report
@@ -168,22 +182,25 @@ def train_task(t, task, earlier_text):
 
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
 for t in range(len(results["acc"]), len(tasks)):
-    task, began = tasks[t], time.time()
+    task, times, began = tasks[t], {}, time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
         earlier_text = torch.cat(
             [evaluation.class_features(model, s.classnames, s.templates[:1], device)
              for s in tasks[:t]] or [torch.zeros(0, model.text_projection.shape[1], device=device)])
-    report = train_task(t, task, earlier_text)
-    trained = time.time()
+    began = lap(times, "text", began)
+    report = train_task(t, task, earlier_text, times)
+    began = lap(times, "train", began)
     with autocast:
         row = evaluation.evaluate(model, tasks, args.eval_style == "union", device,
-                                  args.eval_batch_size, args.workers)
+                                  args.eval_batch_size, args.workers, times)
+    began = lap(times, "eval", began)
     results["acc"].append(row)
     results["analysis"].append(report)
-    results["seconds"].append({"train": trained - began, "eval": time.time() - trained})
+    results["seconds"].append(times)
     # the checkpoint first (it holds the results too), then the readable copy; both atomic
     with clip_model.atomic(ckpt_path) as tmp:
         torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, tmp)
+    lap(times, "checkpoint", began)  # in results.json; the checkpoint's copy cannot hold it
     evaluation.write_json(results_path, results)
     print(evaluation.format_matrix(results["acc"], results["datasets"]))
     print(analysis.format_report(report))
