@@ -150,7 +150,7 @@ def train_task(t, task, earlier_text, times):
     # the current classes' prompts go through the text encoder WITH gradients: its adapters learn
     prompts = [task.templates[0].format(c) for c in task.classnames]
     tokens = clip_model.tokenize(prompts).to(device)
-    stream = batches(task.train, args.seed + 1000 * t)
+    stream = batches(task.train.decoded(args.workers), args.seed + 1000 * t)  # JPEGs: once
     model.train()
     began, tau = time.time(), 0.0
     for it in range(args.iterations):
