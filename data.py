@@ -124,6 +124,17 @@ class ImageSet(torch.utils.data.Dataset):
                                            generator=shuffle, num_workers=workers, pin_memory=pin,
                                            persistent_workers=workers > 0)
 
+    def decoded(self, workers=0):
+        """This set with its files decoded once, in `workers` processes, into RGB uint8 arrays:
+        a few-shot set is read about a hundred times a task, and the decode cost more than the
+        random crop that still happens at every read. Same pixels, so the same crops follow."""
+        if isinstance(self.images, np.ndarray):
+            return self
+        rgb = ImageSet(self.images, self.labels, np.asarray)  # its own generator: no global draw
+        loader = torch.utils.data.DataLoader(rgb, batch_size=None, num_workers=workers,
+                                             generator=torch.Generator())
+        return ImageSet([np.array(image) for image, _ in loader], self.labels, self.transform)
+
     def cached(self, name, cache_dir, workers=0):
         """This set, transformed once, as CachedImages: a .npy file built atomically on first use,
         named by `name`, item shape and a hash of the paths. NOTE: not bytes: delete it on edits."""

@@ -97,15 +97,21 @@ def image_features(model, images, device, batch_size, workers):
 
 
 @torch.no_grad()
-def evaluate(model, tasks, union, device, batch_size=None, workers=0):
+def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None):
     """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix. union=False:
     task-aware, each image among its own task's classes (MTIL). union=True: task-agnostic, each
     image among all tasks' classes, its target its label plus the number of classes of the tasks
-    before it (X-TAIL). batch_size None: 1024 on CUDA, 256 on CPU."""
+    before it (X-TAIL). batch_size None: 1024 on CUDA, 256 on CPU. times: a dict that gets the
+    seconds spent on the class text features ("eval_text"), if given."""
     batch_size = batch_size or (1024 if device.type == "cuda" else 256)
     was_training = model.training
     model.eval()
+    began = time.time()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
+    if times is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the GPU's work too
+        times["eval_text"] = time.time() - began
     every_class = torch.cat(texts)  # (sum of C, E): the union label space
     row = []
     for task, text, offset in zip(tasks, texts, data.union_offsets(tasks)):

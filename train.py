@@ -99,6 +99,7 @@ if args.plot and not analysis.can_plot():
 device = evaluation.pick_device(args.device, args.precision)
 autocast = evaluation.autocast(device, args.precision)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
+began = time.time()
 tasks, model = evaluation.load_setting(args, args.shots)
 widths = [min(m.weight.shape) for n, m in model.named_modules()
           if isinstance(m, torch.nn.Linear) and placement(n)]
@@ -106,8 +107,9 @@ if args.rank > min(widths):
     p.error(f"--rank {args.rank} exceeds the narrowest adapted layer ({min(widths)})")
 lock = evaluation.claim(args.out)  # one run at a time in --out, for the life of this process
 pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every task's drift
-results = {"setting": args.setting, "datasets": [t.name for t in tasks], "acc": [],
-           "analysis": [], "seconds": [], "args": vars(args)}
+results = {"setting": args.setting, "datasets": [t.name for t in tasks],
+           "classes": [len(t.classnames) for t in tasks], "acc": [], "analysis": [], "seconds": [],
+           "setup_seconds": time.time() - began, "args": vars(args)}
 if args.resume:  # the weights and results of the finished tasks
     try:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -129,6 +131,16 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit(  # Ctrl-C: one line, the finis
 
 
 # --- one task: inject fresh adapters, train, merge
+def lap(times, phase, began):
+    """Note a phase's seconds, and on CUDA its peak memory (MB), in `times`; returns now."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times[phase + "_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    times[phase] = time.time() - began
+    return time.time()
+
+
 def batches(images, seed):
     """Endless shuffled batches, in an order that depends on (seed, task) alone."""
     loader = images.batches(args.batch_size, args.workers, device.type == "cuda",
@@ -137,8 +149,9 @@ def batches(images, seed):
         yield from loader
 
 
-def train_task(t, task, earlier_text):
-    """Learn one task (SPEC section 1). earlier_text: (P, E) features of earlier tasks' classes."""
+def train_task(t, task, earlier_text, times):
+    """Learn one task (SPEC section 1). earlier_text: (P, E) features of earlier tasks' classes;
+    times: gets the seconds of the optimizer steps ("steps"), the task's other work aside."""
     torch.manual_seed(args.seed + 1000 * t)
     if args.method == "full":
         for name, param in model.named_parameters():
@@ -154,7 +167,7 @@ def train_task(t, task, earlier_text):
     # the current classes' prompts go through the text encoder WITH gradients: its adapters learn
     prompts = [task.templates[0].format(c) for c in task.classnames]
     tokens = clip_model.tokenize(prompts).to(device)
-    stream = batches(task.train, args.seed + 1000 * t)
+    stream = batches(task.train.decoded(args.workers), args.seed + 1000 * t)  # JPEGs: once
     model.train()
     began, tau = time.time(), 0.0
     for it in range(args.iterations):
@@ -178,6 +191,7 @@ def train_task(t, task, earlier_text):
             print(f"task {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
                   f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}"
                   f"{(it + 1) * args.batch_size / seconds:.0f} img/s", flush=True)
+    lap(times, "steps", began)
     if not torch.isfinite(loss):  # a NaN or inf loss ruins the weights: keep the saved ones
         sys.exit(f"error: task {t + 1} ({task.name}): the loss became {loss.item()}; lower --lr "
                  f"(the tasks before are saved in {args.out}: --resume)")
@@ -193,22 +207,25 @@ if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: 
                                                    device, args.eval_batch_size, args.workers)
     print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
 for t in range(len(results["acc"]), len(tasks)):
-    task, began = tasks[t], time.time()
+    task, times, began = tasks[t], {}, time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
         earlier_text = torch.cat(
             [evaluation.class_features(model, s.classnames, s.templates[:1], device)
              for s in tasks[:t]] or [torch.zeros(0, model.text_projection.shape[1], device=device)])
-    report = train_task(t, task, earlier_text)
-    trained = time.time()
+    began = lap(times, "text", began)
+    report = train_task(t, task, earlier_text, times)
+    began = lap(times, "train", began)
     with autocast:
         row = evaluation.evaluate(model, tasks, args.eval_style == "union", device,
-                                  args.eval_batch_size, args.workers)
+                                  args.eval_batch_size, args.workers, times)
+    began = lap(times, "eval", began)
     results["acc"].append(row)
     results["analysis"].append(report)
-    results["seconds"].append({"train": trained - began, "eval": time.time() - trained})
+    results["seconds"].append(times)
     try:  # the checkpoint first (it holds the results too), then the readable copy; atomic
         with clip_model.atomic(ckpt_path) as tmp:
             torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, tmp)
+        lap(times, "checkpoint", began)  # in results.json; the checkpoint's copy cannot hold it
         evaluation.write_json(results_path, results)
     except (OSError, RuntimeError) as e:  # a full disk: the files of the task before stay whole
         sys.exit(f"error: cannot save task {t + 1} in {args.out} ({' '.join(str(e).split())[:100]}"

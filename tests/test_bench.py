@@ -1,0 +1,35 @@
+"""The dry run of bench.py: train.py end to end on a synthetic MTIL in its real on-disk layout,
+at a tiny scale (one image per class and split, two steps a task, a one-block CLIP)."""
+import json
+import os
+import subprocess
+import sys
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ["test-image cache build", "set-up: indexing 11 datasets", "set-up: weights",
+          "earlier tasks' class text", "training steps (11 x 2 x 8 images)",
+          "training: inject, analysis, merge", "evaluation: class text features",
+          "evaluation: test images", "checkpoint writes", "train.py's start", "total",
+          "PROJECTION, not a measurement"]
+
+
+def test_mtil_dry_run_times_every_phase(tmp_path):
+    """Every phase is in the table, projected, and the run's results.json has MTIL's 11 datasets
+    with their real class counts."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--sequence", "mtil", "--scale",
+           "0.0001", "--model-size", "micro", "--iterations", "2", "--batch-size", "8",
+           "--workers", "0", "--device", "cpu", "--root", str(tmp_path), "--out",
+           str(tmp_path / "run")]
+    # one thread: two on two shared cores can stall each other for seconds at every barrier
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    table = out.stdout.split("dry run of train.py --setting mtil", 1)[1]
+    assert all(phase in table for phase in PHASES), [p for p in PHASES if p not in table]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    real = data.BENCHMARKS["mtil"]["datasets"]
+    assert res["datasets"] == list(real) and res["classes"] == [c for c, _ in real.values()]
+    assert len(res["acc"]) == 11 and all(len(row) == 11 for row in res["acc"])
+    assert "written once" in table and (tmp_path / "mtil-0.0001" / "data" / "SUN397").is_dir()
