@@ -84,11 +84,6 @@ def peak_mb():
 
 
 # --- the dry run (--sequence): a synthetic benchmark on disk, train.py on it, every phase timed
-TRAIN = {  # images in the train split each reader reads (MTIL's 80/20 datasets: in the 80%)
-    "mtil": dict(aircraft=3334, caltech101=6941, cifar100=50000, dtd=1880, eurosat=21600,
-                 flowers=1020, food=75750, mnist=60000, pets=3680, cars=8144, sun397=87003),
-    "xtail": dict(aircraft=3334, caltech101=4128, dtd=2820, eurosat=13500, flowers=4093,
-                  food=50500, mnist=60000, pets=2944, cars=6509, sun397=15880)}
 PIXELS = dict(aircraft=(1000, 700), caltech101=(300, 200), dtd=(500, 500), eurosat=(64, 64),
               flowers=(500, 667), food=(512, 384), pets=(500, 375), cars=(700, 480),
               sun397=(500, 375))  # a typical JPEG's (width, height) in each dataset
@@ -96,10 +91,12 @@ ITERATIONS, BATCH = 500, 64  # train.py's recipe for MTIL and X-TAIL
 
 
 def sizes(sequence, scale):
-    """{dataset: (classes, train images, test images)}: the real ones times scale, each split at
-    least one image per class (test sizes: data.BENCHMARKS; MTIL's 80/20 datasets: their sum)."""
-    return {name: (C, max(C, round(TRAIN[sequence][name] * scale)), max(C, round(test * scale)))
-            for name, (C, test) in data.BENCHMARKS[sequence]["datasets"].items()}
+    """{dataset: (classes, train images, test images)}: the real ones (data.SIZES, in the
+    sequence's default layout) times scale, each split at least one image per class."""
+    known = data.SIZES[data.BENCHMARKS[sequence]["layout"]]
+    return {name: (C, *(max(C, round(n * scale)) for n in (train, test)))
+            for name, (C, train, test) in ((n, known[n]) for n in
+                                           data.BENCHMARKS[sequence]["datasets"])}
 
 
 def class_names(name, C):
