@@ -184,8 +184,9 @@ def write_dataset(root, sequence, name, C, counts, rng):
         images([d / path for s in split for path in rows(pattern, s)])
     elif name == "dtd":
         for s in split:
-            write(d / f"labels/{s}1.txt", "\n".join(rows("{f}/{f}_{s}{i}.jpg", s)))
-            images([d / "images" / r for r in rows("{f}/{f}_{s}{i}.jpg", s)])
+            lines = rows("{f}/{f}_{s}{i}.jpg", s)
+            write(d / f"labels/{s}1.txt", "\n".join(lines))
+            images([d / "images" / line for line in lines])
     elif name == "flowers":  # images 1..N, the train split first; labels by image id
         n = len(split["train"])
         ids = {"trnid": range(1, n + 1), "tstid": range(n + 1, n + len(split["test"]) + 1)}
