@@ -235,6 +235,17 @@ def draw_digits(rng, label):
     return _to_uint8(_paint(np.zeros((RES, RES, 3), np.float32), m, (rng.uniform(200, 255),) * 3))
 
 
+def draw_positions(rng, label):
+    """One small shape of any kind and colour in cell `label` of a 3x3 grid, on a light canvas."""
+    canvas = np.full((RES, RES, 3), _jitter(rng, (rng.uniform(150, 220),) * 3, 15), np.float32)
+    r, cell = rng.uniform(3.5, 5), RES / 3
+    cx = (label % 3 + 0.5) * cell + rng.uniform(-cell / 2 + r, cell / 2 - r)
+    cy = (label // 3 + 0.5) * cell + rng.uniform(-cell / 2 + r, cell / 2 - r)
+    rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS) - 1)], 20)
+    canvas = _paint(canvas, shape_mask(SHAPES[rng.integers(len(SHAPES))], cx, cy, r), rgb)
+    return _to_uint8(canvas, rng, noise=10)
+
+
 DIGIT_STROKES = {  # pen strokes (polylines) in the unit box, x right, y down
     "0": [_arc(.5, .5, .28, .4, 0, 360, 16)], "1": [[(.35, .25), (.52, .1), (.52, .9)]],
     "2": [_arc(.5, .32, .24, .22, 180, 380) + [(.25, .9), (.78, .9)]],
@@ -250,8 +261,12 @@ DOMAINS = {  # in task order: name -> (classnames, templates, draw)
     "digits": ([str(i) for i in range(10)], ['a photo of the number: "{}".'], draw_digits),
     "colours": (list(COLOURS)[:-1], ["a photo of a {} object."], draw_colours),
     "patterns": (PATTERNS, ["a photo of a {} pattern."], draw_patterns),
-    "counts": (COUNTS, ["a photo of {} objects."], draw_counts)}
-BENCHMARK = {"datasets": tuple(DOMAINS), "eval_style": "task-aware"}
+    "counts": (COUNTS, ["a photo of {} objects."], draw_counts),
+    # held out: never trained, only evaluated (retention, the paper's Table 4)
+    "positions": ([p for row in _POSITION_NAMES for p in row], ["an object at the {}."],
+                  draw_positions)}
+HOLDOUT = ("positions",)
+BENCHMARK = {"datasets": tuple(n for n in DOMAINS if n not in HOLDOUT), "eval_style": "task-aware"}
 TEST_PER_CLASS = 40
 TEST_SEED = 12345  # test sets are fixed, like a benchmark's; the run seed only draws the shots
 
@@ -275,7 +290,7 @@ def tasks(shots=16, seed=0, datasets=None, test_per_class=TEST_PER_CLASS):
     return [Task(name, DOMAINS[name][0], DOMAINS[name][1],  # classnames, templates
                  None if shots is None else generate(name, shots, _rng(seed, name, "train"), True),
                  generate(name, test_per_class, _rng(TEST_SEED, name, "test"), False))
-            for name in datasets or DOMAINS]
+            for name in datasets or BENCHMARK["datasets"]]
 
 
 # --- the tiny CLIP (clip_model.CONFIGS["tiny"]): pretrained on generated scenes, cached on disk
