@@ -260,7 +260,7 @@ CONFIGS = {  # ViT-B/16: 149,620,737 parameters; tiny: the tiny world's CLIP, 32
                      transformer_width=512, transformer_heads=8, transformer_layers=12),
     # widths are multiples of 64: build_model infers heads = width / 64, so a saved one reloads
     "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128,
-                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=128,
+                 vision_patch_size=4, context_length=77, vocab_size=49408, transformer_width=128,
                  transformer_heads=2, transformer_layers=3)}
 MODELS = {  # OpenAI's ViT checkpoints; the second-last segment of each URL is the file's sha256
     name: f"https://openaipublic.azureedge.net/clip/models/{sha}/{regex.sub('[/@]', '-', name)}.pt"

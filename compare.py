@@ -56,9 +56,19 @@ def forgetting(acc):
     return statistics.mean(acc[t][t] - acc[-1][t] for t in range(len(acc) - 1))
 
 
+def row(label, cells, kept=""):
+    return f"{label:<10}" + "".join(f"{c:>14}" for c in cells) + f"{kept:>18}"
+
+
 print(f"\n{args.setting}: mean ± std over seeds {args.seeds} (accuracy %)")
 columns = ("Transfer", "Average", "Last", "learned", "forgetting")
-print(f"{'method':<8}" + "".join(f"{c:>14}" for c in columns) + f"{'mean rank kept':>18}")
+print(row("method", columns, "mean rank kept"))
+first = results[methods[0], seeds[0]]
+if "zero_shot" in first:  # the pretrained model, the same in every run: as if it were every row
+    zero = [first["zero_shot"]] * len(first["datasets"])
+    print(row("zero-shot", [f"{first['zero_shot_metrics'][m]['mean']:5.1f}      "
+                            for m in ("transfer", "average", "last")]
+              + [f"{learned(zero):5.1f}      ", "-"]))
 for method in methods:
     runs = [results[method, s] for s in seeds]
     cells = [mean_std([r["metrics"][m]["mean"] for r in runs])
@@ -66,4 +76,14 @@ for method in methods:
     cells += [mean_std([fn(r["acc"]) for r in runs]) for fn in (learned, forgetting)]
     ranks = [a["ranks"]["mean"] for r in runs for a in r["analysis"] if a.get("ranks")]
     kept = f"{statistics.mean(ranks):.1f} of {runs[0]['args']['rank']}" if ranks else "-"
-    print(f"{method:<8}" + "".join(f"{c:>14}" for c in cells) + f"{kept:>18}")
+    print(row(method, cells, kept))
+
+print("\nper dataset: zero-shot, then each method's accuracy right after learning it -> at the end")
+print(f"{'':<10}{'zero-shot':>10}" + "".join(f"{m:>22}" for m in methods))
+for j, name in enumerate(first["datasets"]):
+    cells = []
+    for runs in ([results[m, s] for s in seeds] for m in methods):
+        end = statistics.mean(r["acc"][-1][j] for r in runs)
+        cells.append(f"{mean_std([r['acc'][j][j] for r in runs])} -> {end:4.1f}")
+    zero = f"{first['zero_shot'][j]:.1f}" if "zero_shot" in first else "-"
+    print(f"{name[:9]:<10}{zero:>10}" + "".join(f"{c:>22}" for c in cells))

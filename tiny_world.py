@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import time
 import zlib
 
@@ -27,13 +28,13 @@ COUNTS = ["one", "two", "three", "four", "five", "six"]
 PATTERNS = ["striped", "checkered", "dotted", "grid", "zigzag"]
 PRETRAIN_PATTERNS = ["striped", "checkered", "dotted"]  # grid and zigzag: downstream only
 PRETRAIN_MAX_COUNT = 4                                   # "five" and "six": downstream only
-MENTION = dict(shape=0.9, colour=0.6, size=0.4, position=0.3, background=0.6)  # P(captioned)
+MENTION = dict(shape=0.9, colour=0.6, size=0.4, position=0.6, background=0.6)  # P(captioned)
 CAPTIONS = ["a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.", "there is {}.",
             "an image showing {}."]  # templates
 _POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"],
                    ["bottom left", "bottom", "bottom right"]]
-WORLD_VERSION = 1  # NOTE: bump when the generator or the recipe changes: stale caches go unused
-PRETRAIN = dict(steps=1000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
+WORLD_VERSION = 2  # NOTE: bump when the generator or the recipe changes: stale caches go unused
+PRETRAIN = dict(steps=3000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
 # --- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
 SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
 _HI = RES * SUPERSAMPLE
@@ -122,20 +123,30 @@ def _positions(rng, k, radius):  # k centres in distinct cells of a 3x3 grid, ji
 
 
 # --- pretraining scenes and their captions
+def _count(rng):  # one object half the time: a ViT learns shapes slowly, and best from large ones
+    return 1 if rng.random() < 0.5 else int(rng.integers(2, PRETRAIN_MAX_COUNT + 1))
+
+
 def pretrain_example(rng, shape=None, colour=None, k=None):
     """One scene: (uint8 image (RES, RES, 3), caption); attributes not given are drawn."""
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
-    k = k or int(rng.integers(1, PRETRAIN_MAX_COUNT + 1))
-    large = k == 1 and rng.random() < 0.5
+    k = k or _count(rng)
+    large = k == 1 and rng.random() < 0.6
     radius = rng.uniform(9, 12) if large else rng.uniform(4, 5.5)
-    canvas = np.full((RES, RES, 3), _jitter(rng, (rng.uniform(0, 70),) * 3, 12), np.float32)
+    # a broad "web": dark scenes mostly, light ones too, grey or tinted, half of them noisy
+    light = rng.random() < 0.3
+    low, high = (150, 240) if light else (0, 80)
+    tint = rng.uniform(low, high, 3) if rng.random() < 0.3 else (rng.uniform(low, high),) * 3
+    canvas = np.full((RES, RES, 3), _jitter(rng, tint, 12), np.float32)
     background = None
     if rng.random() < 0.35:
         background = PRETRAIN_PATTERNS[rng.integers(len(PRETRAIN_PATTERNS))]
         m = pattern(background, rng.uniform(5, 9), rng.choice([0, np.pi / 2, np.pi / 4]),
                     rng.random())
-        canvas = _paint(canvas, m, canvas[0, 0] + rng.uniform(40, 70))
+        ink = (canvas[0, 0] + rng.uniform(40, 70) * (-1 if light else 1) if rng.random() < 0.5
+               else rng.uniform(0, 255, 3))  # a shade of the background, or any colour
+        canvas = _paint(canvas, m, ink)
     centres = ([(RES / 2 + rng.uniform(-3, 3), RES / 2 + rng.uniform(-3, 3))] if large
                else _positions(rng, k, radius))
     rgb = _jitter(rng, COLOURS[colour], 10)
@@ -156,7 +167,8 @@ def pretrain_example(rng, shape=None, colour=None, k=None):
     if background and rng.random() < MENTION["background"]:
         words.append(f"on a {background} " + ("background" if rng.random() < 0.5 else "pattern"))
     words[0] = "an" if words[0] == "a" and words[1][0] in "aeiou" else words[0]
-    return _to_uint8(canvas), CAPTIONS[rng.integers(len(CAPTIONS))].format(" ".join(words))
+    caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(" ".join(words))
+    return _to_uint8(canvas, rng, rng.uniform(0, 20) if rng.random() < 0.5 else 0), caption
 
 
 def pretrain_batch(rng, n):
@@ -165,7 +177,7 @@ def pretrain_batch(rng, n):
     pairs, colours = [], list(COLOURS)
     while len(pairs) < n:
         shape, colour = SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(COLOURS))]
-        k = int(rng.integers(1, PRETRAIN_MAX_COUNT + 1))
+        k = _count(rng)
         pairs.append(pretrain_example(rng, shape, colour, k))
         change = rng.random()
         if change < 0.6:
@@ -263,7 +275,7 @@ DOMAINS = {  # in task order: name -> (classnames, templates, draw)
     "patterns": (PATTERNS, ["a photo of a {} pattern."], draw_patterns),
     "counts": (COUNTS, ["a photo of {} objects."], draw_counts),
     # held out: never trained, only evaluated (retention, the paper's Table 4)
-    "positions": ([p for row in _POSITION_NAMES for p in row], ["an object at the {}."],
+    "positions": ([p for row in _POSITION_NAMES for p in row], ["a photo of an object at the {}."],
                   draw_positions)}
 HOLDOUT = ("positions",)
 BENCHMARK = {"datasets": tuple(n for n in DOMAINS if n not in HOLDOUT), "eval_style": "task-aware"}
@@ -331,24 +343,64 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
     return model.eval(), losses
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip.pt")
+
+
+def _recipe(seed):  # what fixes the pretrained weights; a file made by another recipe goes unused
+    return json.dumps([WORLD_VERSION, clip_model.CONFIGS["tiny"], PRETRAIN, seed], sort_keys=True)
+
+
+def save(model, path, seed, seconds):
+    """Write the weights rounded to fp16 (15 MB; a float16 is exact in float32, so every machine
+    starts from the same numbers), with the recipe and the platform that made them."""
+    cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+           if line.startswith("model name")][:1] if os.path.exists("/proc/cpuinfo") else []
+    made_on = {"machine": platform.machine(), "cpu": (cpu or [platform.processor()])[0],
+               "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+               "numpy": np.__version__, "seconds": round(seconds)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with clip_model.atomic(path) as tmp:
+        torch.save({"recipe": _recipe(seed), "made_on": made_on,
+                    "state_dict": {k: v.half() for k, v in model.state_dict().items()}}, tmp)
+
+
+def load(path, seed=0):
+    """The tiny CLIP saved at path (fp32, eval mode), or None when it is missing, unreadable or
+    made by another recipe."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["recipe"] != _recipe(seed):
+            return None
+        model = clip_model.CLIP(**clip_model.CONFIGS["tiny"])
+        model.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
+        return model.eval()
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001  truncated or foreign: made again by the caller
+        print(f"{path} is unreadable ({type(e).__name__}); pretraining the tiny CLIP again")
+        return None
+
+
 def pretrained(seed=0, cache_dir=None, log=print):
-    """The pretrained tiny CLIP (eval mode): trained once, cached under a hash of its recipe."""
-    config = clip_model.CONFIGS["tiny"]
-    key = json.dumps([WORLD_VERSION, config, PRETRAIN, seed], sort_keys=True)
-    path = os.path.join(cache_dir or os.path.expanduser("~/.cache/codyra"),
-                        f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
-    if os.path.exists(path):
-        try:
-            model = clip_model.CLIP(**config)
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["state_dict"])
-            return model.eval()
-        except Exception as e:  # noqa: BLE001  truncated or foreign: made again below
-            print(f"{path} is unreadable ({type(e).__name__}); pretraining the tiny CLIP again")
+    """The pretrained tiny CLIP (eval mode): the one shipped in assets/ (`python tiny_world.py`
+    made it, seed 0), else pretrained once on this machine and cached under a hash of its recipe
+    (another seed, or a changed recipe: that machine's floats then decide the weights)."""
+    if model := load(SHIPPED, seed):
+        return model
+    key = hashlib.sha1(_recipe(seed).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir or os.path.expanduser("~/.cache/codyra"), f"tiny_clip_{key}.pt")
+    if model := load(path, seed):
+        return model
     if log:
         log(f"pretraining the tiny CLIP (once; cached in {path})")
-    model, _ = pretrain(seed, config, **PRETRAIN, log=log)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with clip_model.atomic(path) as tmp:
-        torch.save({"recipe": key, "state_dict": model.state_dict()}, tmp)
-    return model
+    began = time.time()
+    model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)
+    save(model, path, seed, time.time() - began)
+    return load(path, seed)  # rounded to fp16 like the shipped one
+
+
+if __name__ == "__main__":  # python tiny_world.py: make assets/tiny_clip.pt again from seed 0
+    began = time.time()
+    model, _ = pretrain(0)
+    save(model, SHIPPED, 0, time.time() - began)
+    print(f"wrote {SHIPPED} ({os.path.getsize(SHIPPED) / 2**20:.1f} MB)")

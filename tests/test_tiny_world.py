@@ -1,4 +1,6 @@
-"""Tests of the tiny world: the image generator, its tasks, and a very short pretraining."""
+"""Tests of the tiny world: the image generator, its tasks, a very short pretraining, and the
+shipped tiny CLIP."""
+import os
 import re
 
 import numpy as np
@@ -7,6 +9,8 @@ import torch
 from PIL import Image
 
 import clip_model
+import data
+import eval as evaluation
 import tiny_world as tw
 
 # a CLIP small enough to train a few steps in a test; the real one is clip_model.CONFIGS["tiny"]
@@ -125,3 +129,20 @@ def test_pretrained_clip_is_cached(tmp_path, monkeypatch):
     assert not second.training
     for (k, v), w in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_the_shipped_tiny_clip_gives_the_readmes_zero_shot_row():
+    """assets/tiny_clip.pt (fp16, at most 16 MB) is the current recipe's tiny CLIP, and its
+    zero-shot row is the one the README's quick start prints, to 0.1 points."""
+    assert os.path.getsize(tw.SHIPPED) <= 16 * 2**20
+    saved = torch.load(tw.SHIPPED, weights_only=True)
+    assert {v.dtype for v in saved["state_dict"].values()} == {torch.float16}
+    model = tw.load(tw.SHIPPED)
+    assert model is not None, "made by another recipe: run python tiny_world.py"
+    tasks = tw.tasks(None)
+    data.prepare(tasks, tw.RES)
+    row = evaluation.evaluate(model, tasks, False, torch.device("cpu"))
+    readme = open(os.path.join(os.path.dirname(tw.SHIPPED), "..", "README.md")).read()
+    line = re.search(r"^zero-shot((?:\s+[\d.]+){%d})$" % (len(tasks) + 1), readme, re.M)
+    expected = [float(v) for v in line.group(1).split()]
+    assert np.allclose(row + [sum(row) / len(row)], expected, atol=0.1), (row, expected)
