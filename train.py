@@ -266,7 +266,8 @@ if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: 
             results["holdout"]["zero_shot"] = evaluation.evaluate(
                 model, holdout, False, device, args.eval_batch_size, args.workers)
             results["holdout"]["zero_shot_seconds"] = time.time() - began
-    test_features = keep["features"]  # the model is still the pretrained one: no second pass
+    if frozen is not None:  # the model is still the pretrained one: no second pass needed
+        test_features = keep["features"]
     print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
 for t in range(len(results["acc"]), len(tasks)):
     task, times, began = tasks[t], {}, time.time()
