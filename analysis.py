@@ -177,7 +177,10 @@ def task_report(model, start, pretrained):
             "gates": gate_survival(start, {n: m.lora_g for n, m in adapters}) if adapters else None,
             "update": {**summary["update"], "mean": _rounded(sum(norms) / max(len(norms), 1))},
             "amplification": summary["amplification"],
-            "drift": summarize_drift(drift(pretrained, model))}
+            "drift": summarize_drift(drift(pretrained, model)),
+            # Table 7's "final used params"; full fine-tuning: every trainable parameter
+            "used_parameters": (codyra.used_parameters(model) if adapters else
+                                sum(p.numel() for p in model.parameters() if p.requires_grad))}
 
 
 def compare(model_a, model_b, r=None, where=None):
@@ -215,6 +218,7 @@ def format_report(report):
              *format_grids(ranks["grid"])] if ranks else []
     d, g, a = report["drift"], report["gates"], report["amplification"]["pooled"]
     parts = [f"mean rank {ranks['mean']:.1f}/{ranks['of']}"] if ranks else []
+    parts.append(f"used params {report['used_parameters'] / 1e6:.3g}M")
     parts += [f"||dW||_F {report['update']['total']:.3g}",
               f"amplification {'-' if a is None else f'{a:.3g}'}",
               f"drift {d['norm']['total']:.3g} "

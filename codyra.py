@@ -156,6 +156,22 @@ def rank_stats(model):
 
 # --- merge: back to the original architecture
 @torch.no_grad()
+def factors(model):
+    """{adapter name: (B', A')}, the update that merge folds in, W0 <- W0 + B' A', over the
+    surviving ranks only: B' = B[:, keep] diag(g[keep]) (d_out, k), A' = A[keep] (k, d_in),
+    keep = g != 0. Saved after every task, they rebuild any model of the sequence from the first."""
+    return {n: ((m.lora_B[:, m.lora_g != 0] * m.lora_g[m.lora_g != 0]).detach().clone(),
+                m.lora_A[m.lora_g != 0].detach().clone()) for n, m in adapters(model)}
+
+
+def used_parameters(model):
+    """Parameters the adapters finally use, kept ranks x (d_in + d_out + 1) summed over adapters
+    (a kept rank is a row of A, a column of B and its g): all of them for plain LoRA."""
+    return sum(int(torch.count_nonzero(m.lora_g)) * (m.base.in_features + m.base.out_features + 1)
+               for _, m in adapters(model))
+
+
+@torch.no_grad()
 def merge(model):
     """Fold every adapter into its base weight, W0 <- W0 + B diag(g) A over the ranks with g != 0,
     and put the base nn.Linear back in its place: the model then has exactly the architecture,
@@ -164,9 +180,9 @@ def merge(model):
     Returns the model, changed in place."""
     if isinstance(model, CoDyRALinear):
         raise TypeError("merge needs the module holding the CoDyRALinear, to put the Linear back")
+    update = factors(model)
     for name, m in adapters(model):
-        keep = m.lora_g != 0
-        m.base.weight += (m.lora_B[:, keep] * m.lora_g[keep]) @ m.lora_A[keep]  # (d_out, d_in)
+        m.base.weight += update[name][0] @ update[name][1]  # (d_out, k) @ (k, d_in)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, m.base)
     return model

@@ -52,7 +52,13 @@ SIZES = {  # (classes, train images, test images) of the real data in each layou
              "food": (101, 50500, 30300), "pets": (37, 2944, 3669), "cars": (196, 6509, 8041),
              "sun397": (397, 15880, 19850), **_TORCHVISION_ONLY},
 }
+HOLDOUT = ("cifar100", "places365", "imagenet")  # paper Table 4: never trained, evaluated only
+for _layout in SIZES.values():  # validation sets only (train None), the same in both layouts
+    _layout.update(places365=(365, None, 36500), imagenet=(1000, None, 50000))
 ASSETS = json.loads((Path(__file__).parent / "assets" / "classnames_templates.json").read_text())
+_HELD_OUT = json.loads((Path(__file__).parent / "assets" / "holdout.json").read_text())
+for _key in ("mtil", "xtail"):  # ImageNet's and Places365's names and templates (Table 4)
+    ASSETS[_key].update(_HELD_OUT[_key])
 MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate(
     "zero one two three four five six seven eight nine".split())]  # torchvision MNIST.classes
 PROMPTS = ("ensemble", "first", "photo")  # --prompts: see class_prompts
@@ -345,6 +351,31 @@ def _sun397(folder):
     return [rel[2:] for rel in lines], *split_80_20(paths, [y for _, y in entries])
 
 
+def _places365(folder):  # torchvision Places365(split="val"): the validation set only
+    rows = [line.split() for line in _lines(folder / "categories_places365.txt")]  # "/a/airfield 0"
+    # "/a/apartment_building/outdoor" -> "apartment_building outdoor" (class_prompts: "_" -> " ")
+    classes = [c[3:].replace("/", " ") for c, _ in sorted(rows, key=lambda r: int(r[1]))]
+    images = next((folder / d for d in ("val_256", "val_large") if (folder / d).is_dir()), None)
+    if images is None:
+        raise ValueError(f"no val_256/ (small=True) or val_large/ image folder in {folder}")
+    rows = [line.split() for line in _lines(folder / "places365_val.txt")]  # "<file>.jpg 165"
+    return classes, None, ImageSet([str(images / r[0]) for r in rows], [int(r[1]) for r in rows])
+
+
+def _imagenet(folder):  # torchvision ImageNet(split="val"): val/<wnid>/*.JPEG, labels in wnid order
+    wnids = sorted(d for d in os.listdir(folder / "val") if (folder / "val" / d).is_dir()
+                   and d[0] not in "._")
+    if len(wnids) != 1000:
+        raise ValueError(f"{folder / 'val'} holds {len(wnids)} class folders; ImageNet-1k has 1000")
+    paths, labels = [], []
+    for label, wnid in enumerate(wnids):  # the curated names (assets) follow this sorted order
+        files = sorted(f for f in os.listdir(folder / "val" / wnid)
+                       if f.lower().endswith((".jpeg", ".jpg", ".png")) and f[0] != ".")
+        paths += [str(folder / "val" / wnid / f) for f in files]
+        labels += [label] * len(files)
+    return list(ASSETS["mtil"]["imagenet"]["classnames"]), None, ImageSet(paths, labels)
+
+
 def _coop(folders, dataset, image_dir, needs=()):
     """A CoOp entry of LAYOUTS: folders (CoOp's name first), what one must hold, and the reader of
     split_zhou_{dataset}.json: {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
@@ -385,7 +416,7 @@ LAYOUTS = {
                                         "images"), _pets),
         "cars": (("stanford_cars",), _CARS, _cars),
         "sun397": (("SUN397",), ("ClassName.txt",), _sun397),
-    },
+    },  # + the held-out datasets of Table 4, below
     "coop": {  # CoOp's DATASETS.md; CIFAR100 and MNIST as torchvision has them
         "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT, _aircraft),
         "caltech101": _coop(("caltech-101", "caltech101"), "Caltech101", "101_ObjectCategories"),
@@ -401,6 +432,10 @@ LAYOUTS = {
         "sun397": _coop(("sun397",), "SUN397", "SUN397"),
     },
 }
+for _layout in LAYOUTS.values():  # Table 4's held-out validation sets: one layout for both
+    _layout["places365"] = (("places365",), ("categories_places365.txt", "places365_val.txt"),
+                            _places365)
+    _layout["imagenet"] = (("imagenet",), ("val",), _imagenet)
 
 _TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101",
                       "cifar100": "CIFAR100", "dtd": "DTD", "eurosat": "EuroSAT",
@@ -416,6 +451,12 @@ def _missing(name, layout, data_dir, download_error=None):
     msg = f"{name}: expected {where} with {', '.join(needs)}; "
     if name == "cars":
         return msg + "torchvision can no longer download StanfordCars: put its files there"
+    if name == "places365":  # NOTE: its own download defaults to the 100 GB training set
+        return msg + ("fetch the validation set with torchvision: torchvision.datasets.Places365("
+                      f"'{data_dir / 'places365'}', split='val', small=True, download=True)")
+    if name == "imagenet":
+        return msg + ("put ILSVRC2012's 50,000 validation images there as val/<wnid>/*.JPEG "
+                      "(torchvision.datasets.ImageNet(root, split='val') makes that layout)")
     if name not in _DOWNLOADABLE[layout]:
         return msg + (f"put CoOp's {needs[0]} (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
                       f" next to the images in {needs[1]}/ there")
@@ -442,8 +483,9 @@ def _download(name, data_dir):
 def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=False,
                layout=None, prompts=None):
     """The tasks of a benchmark in order, train sets `shots`-shot (None: full), read from `layout`
-    with `prompts` (None: the benchmark's). Finds every dataset (downloading what torchvision can
-    if asked), then indexes each; a problem raises DataError, a size unlike SIZES warns."""
+    with `prompts` (None: the benchmark's); `datasets` may name the HOLDOUT ones (train None).
+    Finds every dataset (downloading what torchvision can if asked), then indexes each; a problem
+    raises DataError, a size unlike SIZES warns."""
     cfg = BENCHMARKS[benchmark]
     layout, names = layout or cfg["layout"], list(datasets or cfg["datasets"])
     data_dir = Path(data_dir).expanduser()
@@ -476,17 +518,20 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
             detail = " ".join(f"{type(e).__name__}: {e}".split())
             raise DataError(f"{name}: cannot index {folder}: {detail}") from e
         for part, s in (("train", train), ("test", test)):
+            if s is None:  # a held-out dataset's: no training images are read
+                continue
             if len(s) == 0:
                 raise DataError(f"{name}: no {part} images found in {folder}")
             for p in [] if isinstance(s.images, np.ndarray) else s.images:  # a stat each
                 if not os.path.isfile(p):
                     raise DataError(f"{name}: {p} is listed but missing; {folder} is incomplete")
-        found, known = (len(classnames), len(train), len(test)), SIZES[layout][name]
+        found = (len(classnames), None if train is None else len(train), len(test))
+        known = SIZES[layout][name]
         if found != known:  # another version on disk: say so and go on
             say = "{} classes, {} train and {} test images".format
             print(f"warning: {name} ({layout} layout) has {say(*found)}; expected {say(*known)}")
         classnames, templates = class_prompts(name, classnames, prompts or cfg["prompts"])
-        if shots:
+        if shots and train is not None:
             train = train.subset(few_shot(train.labels, shots, seed, name))
         tasks.append(Task(name, classnames, templates, train, test))
     return tasks

@@ -75,6 +75,12 @@ def format_table(metrics, datasets, zero_shot=None):
     return "\n".join([format_header(datasets)] + rows)
 
 
+def format_table_4(datasets, rows):
+    """The paper's Table 4: (label, accuracy per held-out dataset) rows, with their mean."""
+    return "\n".join([format_header(datasets, "hold-out")] + [
+        format_row(label, row + [sum(row) / len(row)]) for label, row in rows])
+
+
 # --- evaluation
 @torch.no_grad()
 def class_features(model, classnames, templates, device):
@@ -86,24 +92,32 @@ def class_features(model, classnames, templates, device):
 
 
 @torch.no_grad()
-def image_features(model, images, device, batch_size, workers):
-    """(N, E) normalised image features and (N,) labels of a whole test set."""
+def image_features(encode, images, device, batch_size, workers):
+    """(N, E) normalised image features and (N,) labels of a whole test set; encode: (B, 3, R, R)
+    normalised images -> (B, E), a model's encode_image or a frozen copy of its visual tower."""
     feats, labels = [], []
     for x, y in images.batches(batch_size, workers, pin=device.type == "cuda"):
         x = clip_model.normalize(x.to(device, non_blocking=True))  # (B, 3, R, R)
-        feats.append(F.normalize(model.encode_image(x).float(), dim=-1))
+        feats.append(F.normalize(encode(x).float(), dim=-1))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
 
 
+def eval_batch_size(flag, device):
+    """--eval-batch-size, or its default: 1024 on CUDA, 256 on CPU."""
+    return flag or (1024 if device.type == "cuda" else 256)
+
+
 @torch.no_grad()
-def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None):
+def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None, keep=None):
     """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix. union=False:
     task-aware, each image among its own task's classes (MTIL). union=True: task-agnostic, each
     image among all tasks' classes, its target its label plus the number of classes of the tasks
-    before it (X-TAIL). batch_size None: 1024 on CUDA, 256 on CPU. times: a dict that gets the
-    seconds spent on the class text features ("eval_text"), if given."""
-    batch_size = batch_size or (1024 if device.type == "cuda" else 256)
+    before it (X-TAIL). batch_size None: eval_batch_size's default. times: a dict that gets the
+    seconds spent on the class text features ("eval_text"), if given. keep: a dict that gets,
+    per task, the (N,) predicted labels ("predictions", CPU; union: minus the task's offset, so
+    possibly outside its classes) and the (N, E) image features ("features"), if given."""
+    batch_size = eval_batch_size(batch_size, device)
     was_training = model.training
     model.eval()
     began = time.time()
@@ -115,11 +129,14 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None
     every_class = torch.cat(texts)  # (sum of C, E): the union label space
     row = []
     for task, text, offset in zip(tasks, texts, data.union_offsets(tasks)):
-        img, labels = image_features(model, task.test, device, batch_size, workers)
+        img, labels = image_features(model.encode_image, task.test, device, batch_size, workers)
         with torch.autocast(device.type, enabled=False):  # NOTE: bf16 scores would tie near classes
             scores = img @ (every_class if union else text).T
         pred = scores.argmax(-1) - (offset if union else 0)
         row.append(100.0 * (pred == labels).float().mean().item())
+        if keep is not None:
+            keep.setdefault("predictions", []).append(pred.cpu())
+            keep.setdefault("features", []).append(img)
     model.train(was_training)
     return row
 
@@ -157,6 +174,10 @@ def add_arguments(p):
     group.add_argument("--eval-style", choices=["task-aware", "union"],
                        help="each image among its own dataset's classes (MTIL) or among all "
                             "datasets' classes (X-TAIL); default: the setting's")
+    group.add_argument("--holdout", help="comma-separated datasets never trained, evaluated "
+                       "before the first task and after the last (Table 4): "
+                       f"{','.join(data.HOLDOUT)}; 'none'; default: tiny "
+                       f"{','.join(tiny_world.HOLDOUT)}, others none")
     groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16) or weight "
                                  "file, or a checkpoint.pt; the tiny setting has its own")
     group = groups["system"]
@@ -186,6 +207,14 @@ def check_arguments(p, args):
         p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
     if args.setting == "tiny" and (args.layout or args.prompts):
         p.error("--layout and --prompts are for mtil and xtail: the tiny world has its own")
+    holdout = {"tiny": tiny_world.HOLDOUT}.get(args.setting, ())
+    args.holdout = [] if args.holdout == "none" else (
+        args.holdout.split(",") if args.holdout else list(holdout))
+    trained = args.datasets or known
+    held = tiny_world.DOMAINS if args.setting == "tiny" else data.HOLDOUT
+    if any(d not in held or d in trained for d in args.holdout):
+        p.error(f"--holdout {','.join(args.holdout)}: choose datasets this run never trains among "
+                f"{','.join(held)}")
     cfg = SETTINGS[args.setting]
     args.eval_style = args.eval_style or cfg["eval_style"]
     args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
@@ -198,24 +227,32 @@ def check_arguments(p, args):
 
 
 def load_setting(args, shots=None):
-    """(tasks, model) of a run, the tasks preprocessed for that model: the one place where a
-    setting's name becomes data and weights. shots None: no training images. Exits with one line
-    when a dataset or the weights are missing."""
+    """(tasks, held-out tasks, model) of a run, the tasks preprocessed for that model: the one
+    place where a setting's name becomes data and weights. shots None: no training images; the
+    held-out tasks (--holdout) never have any. Exits with one line when data or weights are
+    missing."""
     try:  # the data first: a run without it stops before downloading any weights
         if args.setting == "tiny":  # generated in memory
             tasks = tiny_world.tasks(shots, args.seed, args.datasets)
+            holdout = tiny_world.tasks(None, args.seed, args.holdout) if args.holdout else []
         else:
-            tasks = data.load_tasks(args.setting, args.data_dir, shots, args.seed, args.datasets,
-                                    args.download, args.layout, args.prompts)
+            def load(shots, names):
+                return data.load_tasks(args.setting, args.data_dir, shots, args.seed, names,
+                                       args.download, args.layout, args.prompts)
+            tasks, holdout = load(shots, args.datasets), []
+            if args.holdout:
+                holdout = load(None, args.holdout)
+            for task in holdout:  # CIFAR100's training arrays: not needed
+                task.train = None
         if args.setting == "tiny" and args.model in (None, "tiny"):
             model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
         else:
             model = clip_model.load(args.model or "ViT-B/16")
         cache = None if args.cache_dir == "none" else args.cache_dir
-        data.prepare(tasks, model.visual.input_resolution, cache, args.workers)
+        data.prepare(tasks + holdout, model.visual.input_resolution, cache, args.workers)
     except (data.DataError, clip_model.CLIPLoadError) as e:
         sys.exit(f"error: {e}")
-    return tasks, model
+    return tasks, holdout, model
 
 
 def claim(out):
@@ -278,7 +315,7 @@ def main():
     if os.path.exists(results_path) and not args.overwrite:
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")
     device = pick_device(args.device, args.precision)
-    tasks, model = load_setting(args)
+    tasks, holdout, model = load_setting(args)
     lock = claim(args.out)  # noqa: F841
     start, names = time.time(), [t.name for t in tasks]
     with autocast(device, args.precision):
@@ -288,9 +325,14 @@ def main():
     print(format_header(names) + "\n" + format_row("accuracy", row + [metrics["last"]["mean"]]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
-    write_json(results_path, {"setting": args.setting, "datasets": names, "acc": [row],
-                              "metrics": metrics, "seconds": time.time() - start,
-                              "args": vars(args), "environment": environment(device)})
+    results = {"setting": args.setting, "datasets": names, "acc": [row], "metrics": metrics}
+    if holdout:  # the zero-shot row of Table 4
+        with autocast(device, args.precision):
+            held = evaluate(model, holdout, False, device, args.eval_batch_size, args.workers)
+        results["holdout"] = {"datasets": [t.name for t in holdout], "acc": held}
+        print(format_table_4(results["holdout"]["datasets"], [("accuracy", held)]))
+    write_json(results_path, {**results, "seconds": time.time() - start, "args": vars(args),
+                              "environment": environment(device)})
     print(f"wrote {results_path}")
 
 

@@ -6,6 +6,7 @@ Reads top-down: config, data and model, one task, the sequence, the report.
     python train.py --setting mtil --shots 5          # paper Table 2 (ViT-B/16, GPU)
     python train.py --setting xtail --method lora     # Table 1, adapters without rank selection
 """
+import copy
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ import analysis
 import clip_model
 import codyra
 import eval as evaluation
+import routing
 
 # --- config: the recipe of each setting (the released code's for MTIL and X-TAIL); a flag wins
 RECIPES = {
@@ -30,6 +32,8 @@ RECIPES = {
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=2e-3, lr_full=1e-4),
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
+ROUTERS = {"ae": "the domain-wise auto-encoders",
+           "oracle": "the oracle (each image to its own domain once learned)"}
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
                  "data_dir", "eval_batch_size", "no_zero_shot"}  # the rest define the run
 
@@ -62,11 +66,16 @@ group.add_argument("--batch-size", type=int, help="images per step; " + recipe_h
 group.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 in every task; "
                    + recipe_help("lr") + "; --method full: " + recipe_help("lr_full")[9:])
 group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+group = p.add_argument_group("evaluation")
+group.add_argument("--routing", choices=["ae", "oracle", "none"], default="ae", help="the second "
+                   "rows (Tables 1-2: a test image takes the prediction of the model after the "
+                   "task it is routed to): ae: domain-wise auto-encoders, and the oracle's row "
+                   "beside; oracle: that row alone (no frozen model copy); none: neither")
+group.add_argument("--no-zero-shot", action="store_true",
+                   help="skip the evaluation before the first task (the zero-shot row)")
 group = groups["system"]
 group.add_argument("--resume", action="store_true", help="continue the run in --out")
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
-group.add_argument("--no-zero-shot", action="store_true",
-                   help="skip the evaluation before the first task (the zero-shot row)")
 args = p.parse_args()
 args.out = args.out or os.path.join("out", f"{args.setting}-{args.method}")
 evaluation.check_arguments(p, args)
@@ -101,16 +110,26 @@ device = evaluation.pick_device(args.device, args.precision)
 autocast = evaluation.autocast(device, args.precision)
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
 began = time.time()
-tasks, model = evaluation.load_setting(args, args.shots)
+tasks, holdout, model = evaluation.load_setting(args, args.shots)
 widths = [min(m.weight.shape) for n, m in model.named_modules()
           if isinstance(m, torch.nn.Linear) and placement(n)]
 if args.rank > min(widths):
     p.error(f"--rank {args.rank} exceeds the narrowest adapted layer ({min(widths)})")
 lock = evaluation.claim(args.out)  # one run at a time in --out, for the life of this process
 pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every task's drift
+# the auto-encoders read the pretrained image features: a frozen copy of the image tower, taken
+# before --resume loads later weights (ViT-B/16: 86M parameters, 344 MB in fp32)
+frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routing == "ae" else None
+eval_batch = evaluation.eval_batch_size(args.eval_batch_size, device)
 results = {"setting": args.setting, "datasets": [t.name for t in tasks],
            "classes": [len(t.classnames) for t in tasks], "acc": [], "analysis": [], "seconds": [],
-           "setup_seconds": time.time() - began, "args": vars(args)}
+           "setup_seconds": time.time() - began, "args": vars(args),
+           "routed": {name: {"acc": [], "routing_accuracy": []} for name in
+                      {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
+           "holdout": {"datasets": [t.name for t in holdout]}}
+# what the routed rows look up, in the checkpoint: per finished task, the (N,) predicted labels on
+# every test set; per auto-encoder (one a task), its weights, threshold and (N,) errors per test set
+state = {"predictions": [], "autoencoders": [], "thresholds": [], "errors": []}
 if args.resume:  # the weights and results of the finished tasks
     try:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -119,12 +138,15 @@ if args.resume:  # the weights and results of the finished tasks
         if not changed:
             model.load_state_dict(saved["model"])
             results.update({k: v for k, v in saved["results"].items() if k != "args"})
+            state = saved.get("routing", state)
     except Exception as e:  # truncated, not this project's, or --model's shapes changed
         sys.exit(f"error: --resume: cannot continue from {ckpt_path} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:150]}); start again with --overwrite")
     if changed:  # a resumed run must be the same experiment; only how it runs may change
         p.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
                 f"the run in {args.out}; pass the same values, or start a new run elsewhere")
+    if results["routed"] and len(state["predictions"]) != len(results["acc"]):
+        p.error(f"--resume: the run in {args.out} kept no predictions to route; --routing none")
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
 results["environment"] = evaluation.environment(device)
 signal.signal(signal.SIGINT, lambda *_: sys.exit(  # Ctrl-C: one line, the finished tasks kept
@@ -150,9 +172,10 @@ def batches(images, seed):
         yield from loader
 
 
-def train_task(t, task, earlier_text, times):
-    """Learn one task (SPEC section 1). earlier_text: (P, E) features of earlier tasks' classes;
-    times: gets the seconds of the optimizer steps ("steps"), the task's other work aside."""
+def train_task(t, task, train_set, earlier_text, times):
+    """Learn one task (SPEC section 1) on train_set, its few-shot images decoded. earlier_text:
+    (P, E) features of earlier tasks' classes; times: gets the seconds of the optimizer steps
+    ("steps"), the task's other work aside. Returns the analysis report and the merged factors."""
     torch.manual_seed(args.seed + 1000 * t)
     if args.method == "full":
         for name, param in model.named_parameters():
@@ -168,7 +191,7 @@ def train_task(t, task, earlier_text, times):
     # the current classes' prompts go through the text encoder WITH gradients: its adapters learn
     prompts = [task.templates[0].format(c) for c in task.classnames]
     tokens = clip_model.tokenize(prompts).to(device)
-    stream = batches(task.train.decoded(args.workers), args.seed + 1000 * t)  # JPEGs: once
+    stream = batches(train_set, args.seed + 1000 * t)
     model.train()
     began, tau = time.time(), 0.0
     for it in range(args.iterations):
@@ -197,15 +220,55 @@ def train_task(t, task, earlier_text, times):
         sys.exit(f"error: task {t + 1} ({task.name}): the loss became {loss.item()}; lower --lr "
                  f"(the tasks before are saved in {args.out}: --resume)")
     report = analysis.task_report(model, start, pretrained)  # needs the adapters: before merge
+    update = {n: (B.cpu(), A.cpu()) for n, (B, A) in codyra.factors(model).items()}
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
-    return report
+    return report, update
+
+
+# --- the second rows: route each test image to a learned domain (routing.py)
+def fit_autoencoder(t, train_set, test_features):
+    """Domain t's auto-encoder on the frozen pretrained features of its few-shot images (one
+    random crop each, as training reads them), kept in `state` with its threshold and its errors
+    on every test set (test_features: the pretrained (N, E) features of each)."""
+    torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's initialisation
+    with autocast:
+        feats, _ = evaluation.image_features(frozen, train_set, device, eval_batch, 0)
+    ae, threshold = routing.fit(feats)
+    state["autoencoders"].append({k: v.cpu() for k, v in ae.state_dict().items()})
+    state["thresholds"].append(threshold)
+    state["errors"].append([routing.errors(ae, f).cpu() for f in test_features])
+
+
+def route_rows(t):
+    """Row t of every routed accuracy matrix and of its routing accuracy: lookups in `state`."""
+    for name, routed in results["routed"].items():
+        row, right = [], []
+        for j, task in enumerate(tasks):
+            route = (routing.oracle_route(j, t, len(task.test)) if name == "oracle" else
+                     routing.ae_route(torch.stack([e[j] for e in state["errors"][:t + 1]]),
+                                      state["thresholds"][:t + 1]))
+            row.append(routing.routed_accuracy([p[j] for p in state["predictions"]],
+                                               torch.tensor(task.test.labels), route, t))
+            right.append(routing.routing_accuracy(route, j, t))
+        routed["acc"].append(row)
+        routed["routing_accuracy"].append(right)
 
 
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
+test_features = None  # the pretrained features of every test set, for the auto-encoders
 if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
+    keep, began = {}, time.time()
     with autocast:
         results["zero_shot"] = evaluation.evaluate(model, tasks, args.eval_style == "union",
-                                                   device, args.eval_batch_size, args.workers)
+                                                   device, args.eval_batch_size, args.workers,
+                                                   keep=keep)
+        results["zero_shot_seconds"], began = time.time() - began, time.time()
+        if holdout:  # Table 4's first row: each held-out dataset among its own classes
+            results["holdout"]["zero_shot"] = evaluation.evaluate(
+                model, holdout, False, device, args.eval_batch_size, args.workers)
+            results["holdout"]["zero_shot_seconds"] = time.time() - began
+    if frozen is not None:  # the model is still the pretrained one: no second pass needed
+        test_features = keep["features"]
     print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
 for t in range(len(results["acc"]), len(tasks)):
     task, times, began = tasks[t], {}, time.time()
@@ -214,36 +277,77 @@ for t in range(len(results["acc"]), len(tasks)):
             [evaluation.class_features(model, s.classnames, s.templates[:1], device)
              for s in tasks[:t]] or [torch.zeros(0, model.text_projection.shape[1], device=device)])
     began = lap(times, "text", began)
-    report = train_task(t, task, earlier_text, times)
+    train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
+    report, update = train_task(t, task, train_set, earlier_text, times)
     began = lap(times, "train", began)
+    keep = {}
     with autocast:
         row = evaluation.evaluate(model, tasks, args.eval_style == "union", device,
-                                  args.eval_batch_size, args.workers, times)
+                                  args.eval_batch_size, args.workers, times, keep)
     began = lap(times, "eval", began)
+    state["predictions"].append(keep["predictions"])
+    if frozen is not None:
+        if test_features is None:  # no zero-shot pass in this process: the frozen copy's, once
+            with autocast:
+                test_features = [evaluation.image_features(frozen, s.test, device, eval_batch,
+                                                           args.workers)[0] for s in tasks]
+        fit_autoencoder(t, train_set, test_features)
+    route_rows(t)
+    began = lap(times, "routing", began)
     results["acc"].append(row)
     results["analysis"].append(report)
     results["seconds"].append(times)
     try:  # the checkpoint first (it holds the results too), then the readable copy; atomic
+        if update:  # this task's surviving ranks: any model of the sequence can be rebuilt
+            with clip_model.atomic(os.path.join(args.out, f"factors-task{t + 1}.pt")) as tmp:
+                torch.save(update, tmp)
         with clip_model.atomic(ckpt_path) as tmp:
-            torch.save({"model": model.state_dict(), "task": t + 1, "results": results}, tmp)
+            torch.save({"model": model.state_dict(), "task": t + 1, "results": results,
+                        "routing": state}, tmp)
         lap(times, "checkpoint", began)  # in results.json; the checkpoint's copy cannot hold it
         evaluation.write_json(results_path, results)
     except (OSError, RuntimeError) as e:  # a full disk: the files of the task before stay whole
         sys.exit(f"error: cannot save task {t + 1} in {args.out} ({' '.join(str(e).split())[:100]}"
                  "); free some space, then continue with --resume")
     print(evaluation.format_matrix(results["acc"], results["datasets"], results.get("zero_shot")))
+    for name, routed in results["routed"].items():  # the routed rows so far, under the matrix
+        got, right = routed["acc"][-1], routed["routing_accuracy"][-1]
+        print(evaluation.format_row(f"{name}:", got + [sum(got) / len(got)]) +
+              f"   routed right {sum(right) / len(right):.0f}%")
     print(analysis.format_report(report))
     if args.plot:
         analysis.plot(results, args.out)
 
 # --- report
+if holdout and "last" not in results["holdout"]:  # Table 4: after the whole sequence
+    began = time.time()
+    with autocast:
+        results["holdout"]["last"] = evaluation.evaluate(model, holdout, False, device,
+                                                         args.eval_batch_size, args.workers)
+    results["holdout"]["last_seconds"] = time.time() - began
 results["metrics"] = evaluation.compute_metrics(results["acc"])
 if "zero_shot" in results:  # the paper's zero-shot row: the pretrained model as every row
     results["zero_shot_metrics"] = evaluation.compute_metrics([results["zero_shot"]])
+for routed in results["routed"].values():
+    routed["metrics"] = evaluation.compute_metrics(routed["acc"])
+    routed["routing_summary"] = routing.summary(routed["routing_accuracy"])
 evaluation.write_json(results_path, results)
 print(f"\n{args.method} on {args.setting}: accuracy (%) after the whole sequence")
 print(evaluation.format_table(results["metrics"], results["datasets"],
                               results.get("zero_shot_metrics")))
+for name, routed in results["routed"].items():  # the second rows, under the first
+    got = routed["routing_summary"]
+    print(f"routed by {ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
+        "" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
+    print("\n".join(evaluation.format_table(routed["metrics"], results["datasets"])
+                    .splitlines()[1:]))
+if holdout:
+    print("\nhold-out datasets, never trained (Table 4): accuracy (%), each among its own classes")
+    rows = (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
+    print(evaluation.format_table_4(results["holdout"]["datasets"], [
+        (label, results["holdout"][key]) for label, key in rows if key in results["holdout"]]))
+used = " ".join(f"{r['used_parameters'] / 1e6:.3g}M" for r in results["analysis"])
+print(f"parameters used per task (Table 7; kept ranks x (d_in + d_out + 1)): {used}")
 if args.method != "full":
     kept = " ".join(f"{r['ranks']['mean']:.1f}" for r in results["analysis"])
     print(f"mean active rank per task: {kept}  (of {args.rank})")

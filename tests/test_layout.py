@@ -8,11 +8,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED = {  # file -> the project files it may import
     "codyra": set(),
     "clip_model": set(),
+    "routing": set(),
     "data": {"clip_model"},
     "tiny_world": {"clip_model", "data"},
     "eval": {"clip_model", "data", "tiny_world"},
     "analysis": {"codyra", "clip_model"},
-    "train": {"codyra", "clip_model", "eval", "analysis"},
+    "train": {"codyra", "clip_model", "eval", "analysis", "routing"},
     "bench": {"codyra", "clip_model", "data", "eval", "tiny_world", "analysis"},
     "compare": {"codyra", "clip_model", "data", "eval", "tiny_world", "analysis"},
 }

@@ -53,11 +53,11 @@ def test_cached_evaluation_gives_identical_features_and_accuracy(tmp_path):
     is identical."""
     model, tasks = make_tiny_clip(), tw.tasks(1, test_per_class=6)
     data.prepare(tasks, tw.RES)
-    plain = [evaluation.image_features(model, t.test, CPU, 16, 0)[0] for t in tasks]
+    plain = [evaluation.image_features(model.encode_image, t.test, CPU, 16, 0)[0] for t in tasks]
     row = evaluation.evaluate(model, tasks, False, CPU, 16, 0)
     data.prepare(tasks, tw.RES, str(tmp_path), 2)
     assert all(isinstance(t.test, data.CachedImages) for t in tasks)
-    cached = [evaluation.image_features(model, t.test, CPU, 16, 2)[0] for t in tasks]
+    cached = [evaluation.image_features(model.encode_image, t.test, CPU, 16, 2)[0] for t in tasks]
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))
     assert evaluation.evaluate(model, tasks, False, CPU, 16, 2) == row
 
@@ -118,7 +118,8 @@ def test_bf16_evaluation_agrees_with_fp32():
     preds = {}
     for amp in (False, True):
         with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-            feats = [evaluation.image_features(model, t.test, CPU, 256, 0)[0] for t in tasks]
+            feats = [evaluation.image_features(model.encode_image, t.test, CPU, 256, 0)[0]
+                     for t in tasks]
             texts = [evaluation.class_features(model, t.classnames, t.templates, CPU)
                      for t in tasks]
         preds[amp] = torch.cat([(f @ t.T).argmax(-1) for f, t in zip(feats, texts)])

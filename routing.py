@@ -1,0 +1,85 @@
+"""The second CoDyRA rows of Tables 1-2: each test image is routed to a learned domain, and takes
+the prediction of the model right after that domain's task; one not routed takes the current
+model's. Torch only; train.py keeps every task's per-image predictions, so a row is a lookup.
+
+    route k of image x after task t:  k <= t, or NOT_LEARNED (-1): the model after task t answers
+    oracle:  k = the image's own dataset j if j <= t        (gives Last2[j] = A[j][j], SPEC 4)
+    ae:      one auto-encoder per learned domain on the frozen pretrained image features; k = the
+             domain with the lowest reconstruction error among those whose threshold accepts x
+
+The paper gives no details of its "domain-wise auto-encoders"; ours follow MoE-Adapters' DDAS (one
+small auto-encoder per task on frozen CLIP image features, reconstruction error picks the task).
+"""
+import torch
+import torch.nn as nn
+
+NOT_LEARNED = -1
+AE = dict(hidden_ratio=4, steps=500, lr=1e-3)  # E -> E // 4 -> E, full-batch Adam
+
+
+class AutoEncoder(nn.Module):
+    """(N, E) normalised image features -> their reconstruction, through E // hidden_ratio units."""
+
+    def __init__(self, dim, hidden_ratio=AE["hidden_ratio"]):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim // hidden_ratio), nn.ReLU(),
+                                 nn.Linear(dim // hidden_ratio, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@torch.no_grad()
+def errors(ae, features):
+    """(N,) squared reconstruction error of every row of (N, E) features."""
+    return (ae(features) - features).pow(2).sum(-1)
+
+
+def fit(features, steps=AE["steps"], lr=AE["lr"]):
+    """An auto-encoder of one domain's (N, E) training features, and its threshold: the largest
+    error among those very features, so that every training image of the domain is accepted (no
+    free parameter; held-out images of the domain may score above it). Seed the RNG first."""
+    ae = AutoEncoder(features.shape[1]).to(features.device)
+    optimizer = torch.optim.Adam(ae.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = (ae(features) - features).pow(2).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return ae.eval(), float(errors(ae, features).max())
+
+
+def ae_route(errs, thresholds):
+    """(N,) route of each image: errs (K, N) errors under the auto-encoders of the K domains
+    learned so far, thresholds (K,). NOT_LEARNED where no threshold accepts the image."""
+    accepted = errs <= torch.as_tensor(thresholds, dtype=errs.dtype)[:, None]      # (K, N)
+    best = errs.masked_fill(~accepted, float("inf")).argmin(0)                      # (N,)
+    return torch.where(accepted.any(0), best, torch.full_like(best, NOT_LEARNED))
+
+
+def oracle_route(j, t, n):
+    """(N,) route of dataset j's n images after task t: their own domain once learned."""
+    return torch.full((n,), j if j <= t else NOT_LEARNED, dtype=torch.long)
+
+
+def routed_accuracy(predictions, labels, route, t):
+    """Top-1 (%) of one dataset after task t: predictions[k] (N,) of the model after task k for
+    k <= t, labels (N,), route (N,). Written as eval.evaluate's, so the oracle's Last2[j] equals
+    A[j][j] to the bit."""
+    pred = predictions[t].clone()
+    for k in range(t):
+        pred[route == k] = predictions[k][route == k]
+    return 100.0 * (pred == labels).float().mean().item()
+
+
+def routing_accuracy(route, j, t):
+    """% of dataset j's images routed right after task t: to j once j is learned, else to none."""
+    return 100.0 * (route == (j if j <= t else NOT_LEARNED)).float().mean().item()
+
+
+def summary(routing_acc):
+    """{"seen": mean % routed right over the cells t >= j, "unseen": over t < j (None if none)}:
+    of a T x T matrix of routing_accuracy, rows t, columns j."""
+    cells = [(t >= j, a) for t, row in enumerate(routing_acc) for j, a in enumerate(row)]
+    seen, unseen = [a for s, a in cells if s], [a for s, a in cells if not s]
+    return {"seen": sum(seen) / len(seen), "unseen": sum(unseen) / len(unseen) if unseen else None}
