@@ -34,7 +34,7 @@ CAPTIONS = ["a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.", "th
 _POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"],
                    ["bottom left", "bottom", "bottom right"]]
 WORLD_VERSION = 2  # NOTE: bump when the generator or the recipe changes: stale caches go unused
-PRETRAIN = dict(steps=3000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
+PRETRAIN = dict(steps=5000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
 # --- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
 SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
 _HI = RES * SUPERSAMPLE
