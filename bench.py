@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -282,7 +283,8 @@ def dry_run():
     if not 0 < scale <= 1 or iterations < 1 or args.batch_size is not None and args.batch_size < 1:
         p.error("--scale must lie in (0, 1], --iterations and --batch-size be >= 1")
     root, tag = Path(args.root).expanduser(), size.replace("/", "-")
-    home, weights = root / f"{args.sequence}-{scale:g}", root / f"random-{tag}.pt"
+    shape = zlib.crc32(json.dumps(SIZES[size], sort_keys=True).encode())  # a new shape, new weights
+    home, weights = root / f"{args.sequence}-{scale:g}", root / f"random-{tag}-{shape:08x}.pt"
     out = Path(args.out or home / f"run-{tag}").expanduser()
     once = []  # (what, seconds): written once per machine, outside the totals
     if not (home / "data").exists():
@@ -327,8 +329,9 @@ def report(res, tasks, apart, wall, out):
     n_files += n_test
     real_files, real_test = sum(tr + te for _, tr, te in real), sum(te for *_, te in real)
     prompts = sum(len(t.classnames) * len(t.templates) for t in tasks)
-    total = {k: sum(s[k] for s in times)
-             for k in ("text", "steps", "train", "eval_text", "eval", "checkpoint")}
+    total = {k: sum(s.get(k, 0) for s in times)
+             for k in ("text", "steps", "train", "eval_text", "eval", "routing", "checkpoint")}
+    zero_shot_s = res.get("zero_shot_seconds", 0)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # train.py's whole run
     peak = {k: max(s[f"{k}_peak_mb"] for s in times) if cuda else rss
             for k in ("text", "steps", "train", "eval", "checkpoint")}
@@ -349,10 +352,13 @@ def report(res, tasks, apart, wall, out):
          total["eval_text"], peak["eval"], None),
         (f"evaluation: test images ({T} x {n_test:,})", T * n_test,
          total["eval"] - total["eval_text"], peak["eval"], T * real_test),
+        (f"zero-shot evaluation, before task 1 ({n_test:,} images)", n_test, zero_shot_s, None,
+         real_test),
+        (f"second rows: auto-encoders, routing ({T} tasks)", None, total["routing"], None, None),
         (f"checkpoint writes ({T} x {ckpt_mb:.0f} MB)", round(T * ckpt_mb), total["checkpoint"],
          peak["checkpoint"], None),
-        ("train.py's start, imports, printing", None, max(0.0, wall - setup_s - sum(
-            total[k] for k in ("text", "train", "eval", "checkpoint"))), None, None)]
+        ("train.py's start, imports, printing", None, max(0.0, wall - setup_s - zero_shot_s - sum(
+            total[k] for k in ("text", "train", "eval", "routing", "checkpoint"))), None, None)]
     measured = sum(r[2] for r in rows)
     projected = [s * n_real / count if n_real else s for _, count, s, _, n_real in rows]
     scaled = (n_test, its, B) != (real_test, ITERATIONS, BATCH)
