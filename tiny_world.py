@@ -1,7 +1,8 @@
-"""The tiny world, to run the method offline on a CPU: generated domains (`tasks()`) and a small
-CLIP pretrained (`pretrained()`, cached in ~/.cache/codyra) on generated scenes: 1-4 equal shapes
-on a dark, plain or faintly patterned background, captioned with some of their attributes, never
-a digit. The domains are drawn in other styles, so zero-shot works only partly; `digits` is new."""
+"""The tiny world, to run the method offline on a CPU: generated domains (`tasks()`, and a held-out
+one, HOLDOUT) and a small CLIP pretrained on generated scenes (`pretrained()`: the one shipped in
+assets/, which `python tiny_world.py` makes again): 1-4 equal shapes on dark or light, grey or
+tinted, plain or patterned backgrounds, captioned with some of their attributes, never a digit.
+The domains are drawn in other styles, so zero-shot works only partly; `digits` is new."""
 import hashlib
 import json
 import math
