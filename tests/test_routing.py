@@ -1,10 +1,6 @@
 """The second CoDyRA rows (routing.py), the hold-out datasets of Table 4 and Table 7's parameter
 count: routed rows are lookups that satisfy the paper's identities, resume exactly, and rebuild."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +9,7 @@ import codyra
 import data
 import routing
 from test_data import _jpeg, _touch
-from test_train import FAST, ROOT, run
+from test_train import FAST, kill_after_first_task, run
 
 THREE = [*FAST, "--datasets", "shapes,digits,colours"]
 
@@ -70,14 +66,7 @@ def test_resume_after_kill_gives_the_same_routed_rows(whole, tiny_weights, tmp_p
     """A run killed after a task and resumed gives the first and both second rows of a run never
     interrupted, to the bit."""
     _, res = whole
-    proc = subprocess.Popen([sys.executable, "train.py", *THREE, "--model", tiny_weights,
-                             "--out", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (tmp_path / "results.json").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = len(json.loads((tmp_path / "results.json").read_text())["acc"])
+    finished = kill_after_first_task(*THREE, "--model", tiny_weights, out=tmp_path)
     assert 1 <= finished < len(res["acc"]), "the run was not interrupted mid-sequence"
     out = run(*THREE, "--model", tiny_weights, "--out", str(tmp_path), "--resume")
     assert out.returncode == 0, out.stderr

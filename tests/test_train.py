@@ -18,6 +18,18 @@ def run(*argv, **kw):
                           capture_output=True, text=True, timeout=600, **kw)
 
 
+def kill_after_first_task(*argv, out):
+    """Start train.py into `out`, SIGKILL it once a task's results are written; returns how many
+    tasks it had finished."""
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "results.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(json.loads((out / "results.json").read_text())["acc"])
+
+
 def test_tiny_run_end_to_end(tiny_weights, tmp_path):
     """train.py walks the whole tiny sequence and writes a complete results.json."""
     out = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path))
@@ -64,14 +76,7 @@ def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
     """Killing a run after a task and resuming it gives the matrix of a run never interrupted."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(*FAST, "--model", tiny_weights, "--out", str(whole)).returncode == 0
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", tiny_weights,
-                             "--out", str(cut)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (cut / "results.json").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = len(json.loads((cut / "results.json").read_text())["acc"])
+    finished = kill_after_first_task(*FAST, "--model", tiny_weights, out=cut)
     total = len(json.loads((whole / "results.json").read_text())["acc"])
     assert 1 <= finished < total, "the run was not interrupted mid-sequence"
     other = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume", "--seed", "9")
