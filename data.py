@@ -65,7 +65,7 @@ PROMPTS = ("ensemble", "first", "photo")  # --prompts: see class_prompts
 
 
 def class_prompts(name, classnames, prompts):
-    """(class names, templates) of dataset `name` for a --prompts choice (README, Prompts), from
+    """(class names, templates) of dataset `name` for a --prompts choice (docs/benchmarks.md), from
     the names its layout gives; evaluation averages the templates, training uses the first."""
     names = [c.replace("_", " ") for c in classnames]
     if prompts == "ensemble":  # ZSCL's, plain names

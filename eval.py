@@ -164,13 +164,13 @@ def add_arguments(p):
     group = groups["data"]
     group.add_argument("--setting", choices=sorted(SETTINGS), default="tiny", help="task "
                        "sequence: the offline tiny world, MTIL (Table 2) or X-TAIL (Table 1)")
-    group.add_argument("--data-dir", default="data", help="folder holding the datasets (README)")
+    group.add_argument("--data-dir", default="data", help="dataset folder (docs/benchmarks.md)")
     group.add_argument("--datasets", help="comma-separated datasets in order (default: all)")
     group.add_argument("--download", action="store_true", help="let torchvision fetch what it can")
     group.add_argument("--layout", choices=sorted(data.LAYOUTS), help="the datasets' folders and "
-                       "splits (README, Data); default: the setting's (data.BENCHMARKS)")
-    group.add_argument("--prompts", choices=data.PROMPTS, help="class prompts (README, Prompts); "
-                       "training uses the first of each class; default: the setting's")
+                       "splits (docs/benchmarks.md); default: the setting's (data.BENCHMARKS)")
+    group.add_argument("--prompts", choices=data.PROMPTS, help="class prompts (docs/benchmarks.md);"
+                       " training uses the first of each class; default: the setting's")
     group.add_argument("--eval-style", choices=["task-aware", "union"],
                        help="each image among its own dataset's classes (MTIL) or among all "
                             "datasets' classes (X-TAIL); default: the setting's")
@@ -186,7 +186,7 @@ def add_arguments(p):
     group.add_argument("--seed", type=int, default=8, help="random seed (the released code's)")
     group.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: "
-                       "autocast, fp32 weights, CUDA only (README, Precision: why not the default)")
+                       "autocast, fp32 weights, CUDA only (why not default: docs/benchmarks.md)")
     group.add_argument("--eval-batch-size", type=int,
                        help="images per evaluation batch (default 1024 on CUDA, 256 on CPU)")
     group.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

@@ -28,7 +28,7 @@ RECIPES = {
     "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5),
     # a tiny model from a short pretraining needs larger steps than CLIP to learn 16 shots; 200
     # steps keep `python train.py` under 2 minutes on two cores. Fixed before any comparison was
-    # run (README, The tiny world). Full fine-tuning: a tenth of pretraining's lr
+    # run (docs/tiny_world.md). Full fine-tuning: a tenth of pretraining's lr
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=2e-3, lr_full=1e-4),
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
