@@ -175,7 +175,10 @@ def task_report(model, start, pretrained):
                                 "mean": _rounded(sum(ranks.values()) / len(ranks)),
                                 "of": max(len(m.lora_g) for _, m in adapters)},
             "gates": gate_survival(start, {n: m.lora_g for n, m in adapters}) if adapters else None,
-            "update": {**summary["update"], "mean": _rounded(sum(norms) / max(len(norms), 1))},
+            # relative: ||dW_t||_F / ||W_pre||_F over the same matrices, comparable across scales
+            "update": {**summary["update"], "mean": _rounded(sum(norms) / max(len(norms), 1)),
+                       "relative": _rounded(math.hypot(*norms) / math.hypot(
+                           *(float(pretrained[n].norm()) for n in upd)) if upd else None)},
             "amplification": summary["amplification"],
             "drift": summarize_drift(drift(pretrained, model)),
             # Table 7's "final used params"; full fine-tuning: every trainable parameter
@@ -219,7 +222,8 @@ def format_report(report):
     d, g, a = report["drift"], report["gates"], report["amplification"]["pooled"]
     parts = [f"mean rank {ranks['mean']:.1f}/{ranks['of']}"] if ranks else []
     parts.append(f"used params {report['used_parameters'] / 1e6:.3g}M")
-    parts += [f"||dW||_F {report['update']['total']:.3g}",
+    parts += [f"||dW||_F {report['update']['total']:.3g} "
+              f"({100 * report['update']['relative']:.2g}% of ||W_pre||_F)",
               f"amplification {'-' if a is None else f'{a:.3g}'}",
               f"drift {d['norm']['total']:.3g} "
               f"({100 * d['relative']['total']:.2g}% of ||W_pre||_F)"]

@@ -9,22 +9,38 @@ each dataset's zero-shot, right-after-learning and final accuracy. A finished ru
     python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
 """
 import argparse
+import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 
-p = argparse.ArgumentParser(description="Run train.py for several methods and seeds, and print "
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as train.py's
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+p = Parser(description="Run train.py for several methods and seeds, and print "
                                         "the mean and standard deviation of every metric.")
 p.add_argument("--setting", default="tiny", help="setting passed to train.py")
 p.add_argument("--data-dir", default="data", help="dataset folder passed to train.py")
 p.add_argument("--methods", default="codyra,lora,full", help="comma-separated train.py methods")
 p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 p.add_argument("--out", default="runs/compare", help="folder holding one subfolder per run")
+p.add_argument("--plot", metavar="PNG", help="also draw each domain's accuracy after every task, "
+               "one line per method (mean, min-max band over the seeds), into this file")
 p.add_argument("extra", nargs="*", help="arguments for every train.py run, after --")
 args = p.parse_args()
-methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+methods, seeds = args.methods.split(","), args.seeds.split(",")
+if not set(methods) <= {"codyra", "lora", "full"} or len(set(methods)) < len(methods):
+    p.error(f"--methods {args.methods}: choose distinct ones among codyra, lora, full")
+if not all(s.isdigit() for s in seeds):
+    p.error(f"--seeds {args.seeds}: expected comma-separated whole numbers >= 0, like 0,1,2")
+seeds = [int(s) for s in seeds]
+if args.plot and importlib.util.find_spec("matplotlib") is None:
+    p.error("--plot needs matplotlib: pip install matplotlib")
 
 results = {}
 for method in methods:
@@ -43,11 +59,11 @@ for method in methods:
         results[method, seed] = json.load(open(path))
 
 
-def mean_std(values):
+def mean_std(values, sign=""):
     if not values or None in values:  # Transfer or forgetting of a single task
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0
-    return f"{statistics.mean(values):5.1f} ± {spread:3.1f}"
+    return f"{statistics.mean(values):{sign}5.1f} ± {spread:3.1f}"
 
 
 def learned(acc):
@@ -117,3 +133,74 @@ for j, name in enumerate(first.get("holdout", {}).get("datasets", [])):  # never
     ends = [statistics.mean(results[m, s]["holdout"]["last"][j] for s in seeds) for m in methods]
     line = [f"(held out) -> {end:4.1f}" for end in ends]
     print(f"{name[:9]:<10}{zero:>10}" + "".join(f"{c:>22}" for c in line))
+
+# --- the operating point: this run's statistics beside the paper's on X-TAIL (ViT-B/16): Table 1
+# and the authors' project page; the ratios are what a miniature can hope to match
+PAPER = {"ranks": 8.3, "update": {"codyra": 3.22, "lora": 7.44},
+         "forgetting": {"codyra": 1.87, "lora": 14.86},
+         "transfer": {"codyra": 63.2 - 62.4, "lora": 61.8 - 62.4},
+         "last": {"codyra": 79.2 - 58.5, "lora": 59.4 - 58.5}}
+
+
+def per_seed(method, fn):  # fn(results) of each seed's run of a method
+    return [fn(results[method, s]) for s in seeds] if method in methods else None
+
+
+def task_mean(key):  # a per-task analysis value, averaged over the tasks of a run
+    return lambda r: statistics.mean(key(a) for a in r["analysis"])
+
+
+def ratio(a, b):  # CoDyRA's value over LoRA's, with both
+    if a is None or b is None:
+        return "-"
+    a, b = statistics.mean(a), statistics.mean(b)
+    return f"{a / b:.2f} ({a:.2f} / {b:.2f})"
+
+
+print(f"\noperating point: the paper (X-TAIL, ViT-B/16) and this comparison ({args.setting}, "
+      f"seeds {args.seeds})")
+print(f"{'':<44}{'paper':>22}{'here':>22}")
+stats = [("mean ranks kept of 16", f"{PAPER['ranks']}",
+          mean_std(per_seed("codyra", task_mean(lambda a: a["ranks"]["mean"])) or [None])),
+         ("per-task ||dW||_F, codyra / lora", ratio([3.22], [7.44]), ratio(
+             *(per_seed(m, task_mean(lambda a: a["update"]["total"])) for m in ("codyra", "lora")))),
+         ("forgetting, codyra / lora", ratio([1.87], [14.86]),
+          ratio(*(per_seed(m, lambda r: forgetting(r["acc"])) for m in ("codyra", "lora"))))]
+for method in methods:
+    stats.append((f"per-task ||dW||_F / ||W_pre||_F (%), {method}", "-", mean_std(
+        per_seed(method, task_mean(lambda a: 100 * (a["update"].get("relative") or math.nan))))))
+for key, label in (("transfer", "Transfer"), ("last", "Last")):
+    for method in methods if "zero_shot" in first else ():
+        zero = first["zero_shot_metrics"][key]["mean"]
+        paper = PAPER[key].get(method)
+        stats.append((f"{label} minus zero-shot, {method}", "-" if paper is None else
+                      f"{paper:+.1f}", mean_std(per_seed(
+                          method, lambda r: r["metrics"][key]["mean"] - zero), "+")))
+for label, paper, here in stats:
+    print(f"{label:<44}{paper:>22}{here:>22}")
+
+if args.plot:  # one panel per domain: its accuracy after every task, each method's band of seeds
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    names = first["datasets"]
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), sharey=True,
+                             squeeze=False)
+    steps = range(len(names) + 1)  # 0: before the first task (zero-shot), t: after task t
+    for j, (ax, name) in enumerate(zip(axes[0], names)):
+        for k, method in enumerate(methods):
+            curves = [[r.get("zero_shot", r["acc"][0])[j]] + [row[j] for row in r["acc"]]
+                      for r in (results[method, s] for s in seeds)]
+            ax.plot(steps, [statistics.mean(c) for c in zip(*curves)], color=f"C{k}",
+                    label=method)
+            ax.fill_between(steps, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
+                            color=f"C{k}", alpha=0.2, lw=0)
+        if "zero_shot" in first:
+            ax.axhline(first["zero_shot"][j], color="k", ls="--", lw=1, label="zero-shot")
+        ax.axvspan(j + 0.5, j + 1.5, color="0.9", zorder=0)  # the task that learns this domain
+        ax.set_xticks(list(steps), ["0"] + [str(t) for t in steps[1:]])
+        ax.set(title=name, xlabel="after task")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.savefig(args.plot, dpi=110, bbox_inches="tight")
+    print(f"wrote {args.plot}")

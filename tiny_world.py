@@ -1,8 +1,9 @@
 """The tiny world, to run the method offline on a CPU: generated domains (`tasks()`, and a held-out
 one, HOLDOUT) and a small CLIP pretrained on generated scenes (`pretrained()`: the one shipped in
-assets/, which `python tiny_world.py` makes again): 1-4 equal shapes on dark or light, grey or
+assets/, which `python tiny_world.py --ship` makes again): 1-4 equal shapes on dark or light, grey or
 tinted, plain or patterned backgrounds, captioned with some of their attributes, never a digit.
 The domains are drawn in other styles, so zero-shot works only partly; `digits` is new."""
+import argparse
 import hashlib
 import json
 import math
@@ -366,8 +367,8 @@ def save(model, path, seed, seconds):
 
 
 def load(path, seed=0):
-    """The tiny CLIP saved at path (fp32, eval mode), or None when it is missing, unreadable or
-    made by another recipe."""
+    """The tiny CLIP saved at path (fp32, eval mode), or None when it is missing, unreadable
+    (truncated, not this file) or made by another recipe."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["recipe"] != _recipe(seed):
@@ -375,33 +376,48 @@ def load(path, seed=0):
         model = clip_model.CLIP(**clip_model.CONFIGS["tiny"])
         model.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
         return model.eval()
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # noqa: BLE001  truncated or foreign: made again by the caller
-        print(f"{path} is unreadable ({type(e).__name__}); pretraining the tiny CLIP again")
+    except Exception:  # noqa: BLE001  missing, truncated or foreign: made again by the caller
         return None
 
 
-def pretrained(seed=0, cache_dir=None, log=print):
-    """The pretrained tiny CLIP (eval mode): the one shipped in assets/ (`python tiny_world.py`
-    made it, seed 0), else pretrained once on this machine and cached under a hash of its recipe
-    (another seed, or a changed recipe: that machine's floats then decide the weights)."""
-    if model := load(SHIPPED, seed):
-        return model
+def cache_path(seed=0, cache_dir=None):  # a pretraining's cache file: named by its recipe
     key = hashlib.sha1(_recipe(seed).encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir or os.path.expanduser("~/.cache/codyra"), f"tiny_clip_{key}.pt")
+    return os.path.join(cache_dir or os.path.expanduser("~/.cache/codyra"), f"tiny_clip_{key}.pt")
+
+
+def pretrained(seed=0, cache_dir=None, log=print, shipped=SHIPPED):
+    """The pretrained tiny CLIP (eval mode): the one shipped in assets/ (`python tiny_world.py
+    --ship` made it, seed 0), else pretrained once on this machine and cached under a hash of its
+    recipe (another seed, or a changed recipe: that machine's floats then decide the weights)."""
+    if model := load(shipped, seed):
+        return model
+    path = cache_path(seed, cache_dir)
     if model := load(path, seed):
         return model
     if log:
-        log(f"pretraining the tiny CLIP (once; cached in {path})")
+        why = (f"{shipped} is unreadable or of another recipe (`git checkout assets/tiny_clip.pt` "
+               "restores it); " if seed == 0 and os.path.exists(shipped) else "")
+        log(f"{why}pretraining the tiny CLIP: about 22 min on 2 CPU cores, once (cached in "
+            f"{path}); the numbers will differ from the README's")
     began = time.time()
     model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)
     save(model, path, seed, time.time() - began)
     return load(path, seed)  # rounded to fp16 like the shipped one
 
 
-if __name__ == "__main__":  # python tiny_world.py: make assets/tiny_clip.pt again from seed 0
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Pretrain the tiny world's CLIP (about 22 min on 2 CPU "
+                                "cores) into ~/.cache/codyra; runs use it only when "
+                                "assets/tiny_clip.pt is missing or unreadable.")
+    p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line
+    p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--ship", action="store_true", help="write assets/tiny_clip.pt instead, the file "
+                   "every tiny run starts from (seed 0; another CPU gives other weights)")
+    args = p.parse_args()
+    if args.seed < 0 or (args.ship and args.seed):
+        p.error(f"--seed {args.seed}: expected >= 0, and 0 with --ship")
     began = time.time()
-    model, _ = pretrain(0)
-    save(model, SHIPPED, 0, time.time() - began)
-    print(f"wrote {SHIPPED} ({os.path.getsize(SHIPPED) / 2**20:.1f} MB)")
+    model, _ = pretrain(args.seed)
+    path = SHIPPED if args.ship else cache_path(args.seed)
+    save(model, path, args.seed, time.time() - began)
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MB)")

@@ -175,7 +175,8 @@ def test_full_fine_tuning_is_measured_against_the_snapshot(tiny_clip):
 
 
 def test_tiny_run_with_plot_writes_figures_and_analysis(tiny_weights, tmp_path):
-    """train.py --plot writes the three figures and one analysis entry per task to results.json."""
+    """train.py --plot writes the three figures and one analysis entry per task to results.json,
+    with each task's ||dW_t||_F / ||W_pre||_F."""
     argv = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank", "2",
             "--workers", "0", "--eval-batch-size", "64", "--model", tiny_weights,
             "--out", str(tmp_path), "--plot"]
@@ -187,6 +188,13 @@ def test_tiny_run_with_plot_writes_figures_and_analysis(tiny_weights, tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["analysis"]) == len(res["datasets"]) and "active ranks" in out.stdout
     assert res["analysis"][-1]["drift"]["norm"]["total"] > 0
+    # each task's relative update, by hand: its merged factors against the pretrained weights
+    pre = torch.load(tiny_weights)
+    for t, rep in enumerate(res["analysis"]):
+        update = torch.load(tmp_path / f"factors-task{t + 1}.pt")
+        dw = math.hypot(*(float((B @ A).norm()) for B, A in update.values()))
+        w = math.hypot(*(float(pre[n + ".weight"].norm()) for n in update))
+        assert rep["update"]["relative"] == pytest.approx(dw / w, rel=1e-3), t
     # the merged updates are all there is: rank(W_T - W_pre) <= the sum of the ranks kept per task
     c = analysis.compare(clip_model.load(tiny_weights),
                          clip_model.load(str(tmp_path / "checkpoint.pt")))

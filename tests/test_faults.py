@@ -149,6 +149,34 @@ def test_a_truncated_tiny_world_cache_is_made_again(tmp_path, monkeypatch):
     assert isinstance(model, clip_model.CLIP) and cache.stat().st_size > 1000
 
 
+def test_a_truncated_shipped_tiny_clip_says_how_to_restore_it(tmp_path, monkeypatch):
+    """A cut assets/tiny_clip.pt: one line saying how to restore it, how long pretraining takes
+    and that the numbers will differ; then the pretraining runs."""
+    small = dict(clip_model.CONFIGS["tiny"], vision_layers=1, transformer_layers=1)
+    monkeypatch.setitem(clip_model.CONFIGS, "tiny", small)
+    monkeypatch.setattr(tiny_world, "PRETRAIN", dict(steps=1, batch_size=4, lr=1e-3, warmup=1,
+                                                     weight_decay=0.1))
+    shipped = tmp_path / "tiny_clip.pt"
+    shipped.write_bytes(open(tiny_world.SHIPPED, "rb").read()[:1000])
+    said = []
+    model = tiny_world.pretrained(cache_dir=str(tmp_path / "cache"), log=said.append,
+                                  shipped=str(shipped))
+    assert isinstance(model, clip_model.CLIP)
+    assert all(w in said[0] for w in ("git checkout assets/tiny_clip.pt", "22 min", "differ"))
+
+
+def test_tiny_world_script_refuses_what_it_does_not_know():
+    """python tiny_world.py --seed x, an unknown flag or --ship with another seed: one line,
+    exit 2, nothing pretrained and the shipped weights untouched."""
+    before = os.stat(tiny_world.SHIPPED).st_mtime_ns
+    for argv in (["--seed", "x"], ["--bogus"], ["--ship", "--seed", "1"]):
+        out = subprocess.run([sys.executable, "tiny_world.py", *argv], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.startswith("error:"), argv
+        assert out.stderr.count("\n") == 1 and not out.stdout, argv
+    assert os.stat(tiny_world.SHIPPED).st_mtime_ns == before
+
+
 # --- the scripts: refused flags, two runs, interruptions
 
 @pytest.mark.parametrize("flags, words", [

@@ -138,7 +138,7 @@ def test_the_shipped_tiny_clip_gives_the_readmes_zero_shot_row():
     saved = torch.load(tw.SHIPPED, weights_only=True)
     assert {v.dtype for v in saved["state_dict"].values()} == {torch.float16}
     model = tw.load(tw.SHIPPED)
-    assert model is not None, "made by another recipe: run python tiny_world.py"
+    assert model is not None, "made by another recipe: run python tiny_world.py --ship"
     tasks = tw.tasks(None)
     data.prepare(tasks, tw.RES)
     row = evaluation.evaluate(model, tasks, False, torch.device("cpu"))
