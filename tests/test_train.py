@@ -1,3 +1,4 @@
+import ast
 import json
 import os
 import signal
@@ -6,6 +7,8 @@ import sys
 import time
 
 import pytest
+
+import codyra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny random CLIP stands in for the pretrained one: these tests check the machinery, not accuracy
@@ -114,3 +117,23 @@ def test_zero_shot_row_comes_first_and_equals_eval_py(tiny_weights, tmp_path):
     assert res["zero_shot"] == row and len(res["acc"]) == 2
     assert res["zero_shot_metrics"]["last"]["mean"] == sum(row) / 2
     assert trained.stdout.index("zero-shot") < trained.stdout.index("task 1/")
+
+
+def recipes():
+    """train.RECIPES, read from the script's source (nothing imports a script)."""
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "RECIPES")
+    return eval(compile(ast.Expression(node.value), "train.py", "eval"), {"dict": dict})
+
+
+def test_the_tiny_recipe_selects_ranks_as_x_tail_does():
+    """The tiny recipe's sum of tau over a task is X-TAIL's within 2%, and kappa_max / lr is
+    X-TAIL's 10 within 20%: the paper's operating point of the rank selection."""
+    def tau_sum(r):
+        return sum(codyra.threshold_schedule(i, r["iterations"], r["dense_ratio"], r["kappa_max"])
+                   for i in range(r["iterations"]))
+    tiny, xtail = recipes()["tiny"], recipes()["xtail"]
+    assert tau_sum(xtail) == pytest.approx(0.65, abs=0.005)
+    assert tau_sum(tiny) == pytest.approx(tau_sum(xtail), rel=0.02)
+    assert xtail["kappa_max"] / xtail["lr"] == pytest.approx(10)
+    assert tiny["kappa_max"] / tiny["lr"] == pytest.approx(10, rel=0.2)
