@@ -210,8 +210,8 @@ class CLIP(nn.Module):
                  context_length, vocab_size, transformer_width, transformer_heads,
                  transformer_layers, activation="quick_gelu"):
         super().__init__()
-        if activation == "gelu":  # a state dict says GELU by holding this entry (so checkpoint.pt
-            self.register_buffer("uses_gelu", torch.ones(()))  # does); OpenAI's files have none
+        if activation == "gelu":  # weights cannot say it, so the state dict (checkpoint.pt too)
+            self.register_buffer("uses_gelu", torch.ones(()))  # holds this; OpenAI's files do not
         # OpenAI's convention is 64-wide heads; tiny test models narrower than that get one head
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
                                         vision_layers, max(1, vision_width // 64), embed_dim,
