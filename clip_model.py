@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import html
 import http.client
+import json
 import operator
 import os
 import shutil
@@ -143,21 +144,30 @@ class Attention(nn.Module):
         return self.out_proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+# NOTE: the weights do not say which one they were trained with: open_clip's own ViT-B/16
+# (LAION-2B, DataComp) has exactly OpenAI's keys but GELU; the wrong one loads and runs silently
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # OpenAI's, and exact (erf) GELU
+
+
 class MLP(nn.Module):
-    def __init__(self, width):
+    def __init__(self, width, activation):
         super().__init__()
         self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
-        x = self.c_fc(x)
-        return self.c_proj(x * torch.sigmoid(1.702 * x))  # QuickGELU, as OpenAI's weights need
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, causal):
+    def __init__(self, width, heads, causal, activation):
         super().__init__()
         self.ln_1, self.attn = LayerNorm(width), Attention(width, heads, causal)
-        self.ln_2, self.mlp = LayerNorm(width), MLP(width)
+        self.ln_2, self.mlp = LayerNorm(width), MLP(width, activation)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -165,9 +175,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, causal=False):
+    def __init__(self, width, layers, heads, causal=False, activation="quick_gelu"):
         super().__init__()
-        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal)
+        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal, activation)
                                          for _ in range(layers)))
 
     def forward(self, x):  # (B, T, D)
@@ -175,14 +185,16 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
+                 activation="quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         scale, grid = width ** -0.5, input_resolution // patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre, self.transformer = LayerNorm(width), Transformer(width, layers, heads)
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -196,13 +208,16 @@ class VisionTransformer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads,
-                 transformer_layers):
+                 transformer_layers, activation="quick_gelu"):
         super().__init__()
+        if activation == "gelu":  # weights cannot say it, so the state dict (checkpoint.pt too)
+            self.register_buffer("uses_gelu", torch.ones(()))  # holds this; OpenAI's files do not
         # OpenAI's convention is 64-wide heads; tiny test models narrower than that get one head
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, max(1, vision_width // 64), embed_dim)
+                                        vision_layers, max(1, vision_width // 64), embed_dim,
+                                        activation)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       causal=True)
+                                       causal=True, activation=activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -275,26 +290,49 @@ class CLIPLoadError(Exception):
     """Weights could not be loaded; the message is one line that says what to do."""
 
 
-def build_model(state_dict):
-    """A CLIP sized by and holding an OpenAI state dict (packed q/k/v) or ours (heads: width/64)."""
-    def blocks(prefix):  # how many residual blocks sd (below) has under prefix
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-    sd = {k: v for k, v in state_dict.items()
-          if k not in ("input_resolution", "context_length", "vocab_size")}
-    for key in [k for k in sd if ".attn.in_proj_" in k]:  # OpenAI packs rows [q; k; v]
+def unpacked(sd):
+    """OpenAI's (and open_clip's) keys -> ours: their attention packs rows [q; k; v] in one."""
+    sd = dict(sd)
+    for key in [k for k in sd if ".attn.in_proj_" in k]:
         prefix, kind = key.split(".in_proj_")
         for name, part in zip(("q_proj", "k_proj", "v_proj"), sd.pop(key).chunk(3)):
             sd[f"{prefix}.{name}.{kind}"] = part
+    return sd
+
+
+def packed(sd):
+    """Ours -> OpenAI's keys, the inverse of unpacked."""
+    sd = dict(sd)
+    for key in [k for k in sd if ".attn.q_proj." in k]:
+        prefix, kind = key.split(".q_proj.")
+        sd[f"{prefix}.in_proj_{kind}"] = torch.cat([sd.pop(f"{prefix}.{n}_proj.{kind}")
+                                                    for n in "qkv"])
+    return sd
+
+
+def shapes(sd):
+    """CLIP's arguments read off a state dict in our keys (heads: width / 64); GELU if it holds
+    `uses_gelu`, else QuickGELU."""
+    def blocks(prefix):  # how many residual blocks sd has under prefix
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return dict(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
+                vision_layers=blocks("visual.transformer.resblocks."), vision_width=width,
+                vision_patch_size=patch, context_length=sd["positional_embedding"].shape[0],
+                vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
+                transformer_heads=max(1, text_width // 64),
+                transformer_layers=blocks("transformer.resblocks."),
+                activation="gelu" if "uses_gelu" in sd else "quick_gelu")
+
+
+def build_model(state_dict):
+    """A CLIP sized by (shapes) and holding an OpenAI state dict (packed q/k/v) or ours."""
+    sd = unpacked({k: v for k, v in state_dict.items()
+                   if k not in ("input_resolution", "context_length", "vocab_size")})
     try:
-        width, _, patch, _ = sd["visual.conv1.weight"].shape
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        text_width = sd["ln_final.weight"].shape[0]
-        model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
-                     vision_layers=blocks("visual.transformer.resblocks."), vision_width=width,
-                     vision_patch_size=patch, context_length=sd["positional_embedding"].shape[0],
-                     vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=text_width,
-                     transformer_heads=max(1, text_width // 64),
-                     transformer_layers=blocks("transformer.resblocks."))
+        model = CLIP(**shapes(sd))
         model.load_state_dict(sd)
     except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a size mismatch
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
@@ -343,28 +381,182 @@ def _download(url, root):
     return path
 
 
-def load(name_or_path, device="cpu", download_root=None):
-    """An fp32 CLIP in eval mode from an OpenAI model name (downloaded once into download_root,
-    $CLIP_CACHE or ~/.cache/clip, where openai/CLIP keeps them too) or from a weight file."""
-    path = name_or_path
-    if name_or_path in MODELS:
-        root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
-        path = _download(MODELS[name_or_path], root)
-    elif not os.path.isfile(path):
-        raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file; "
-                            "pass one of those names or the path of a CLIP weight file")
+def read_file(path):
+    """The state dict in a weight file: OpenAI's TorchScript archive, a bare state dict, this
+    project's checkpoint.pt ({"model": sd}) or the tiny world's file ({"state_dict": sd})."""
     try:
         with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript; OpenAI's files are it
             warnings.simplefilter("ignore", FutureWarning)
             sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:  # not a TorchScript archive: a state dict, or a checkpoint {"model": sd}
+    except RuntimeError:  # not a TorchScript archive: a state dict, or a dict holding one
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # NOTE: torch's message is many lines; its type says enough
             raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, "
                                 f"or it is truncated ({type(e).__name__}); pass a CLIP checkpoint, "
                                 "or delete it and download it again") from None
-    sd = sd["model"] if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd
+    for key in ("model", "state_dict"):
+        sd = sd[key] if isinstance(sd, dict) and isinstance(sd.get(key), dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CLIPLoadError(f"{path} holds no state dict (dict of tensors); pass a CLIP checkpoint")
+    return sd
+
+
+# --- other tools' formats: transformers' CLIPModel folders, open_clip's (OpenAI's keys, packed)
+HF_KEYS = [  # (ours, transformers') prefixes of a name, read both ways; {i}: a block's index
+    ("visual.conv1", "vision_model.embeddings.patch_embedding"),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre", "vision_model.pre_layrnorm"),  # sic
+    ("visual.ln_post", "vision_model.post_layernorm"),
+    ("visual.proj", "visual_projection.weight"),  # transposed, as is text_projection
+    ("token_embedding", "text_model.embeddings.token_embedding"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final", "text_model.final_layer_norm"),
+    ("text_projection", "text_projection.weight"),
+    ("logit_scale", "logit_scale"),
+    *[(f"{ours}.resblocks.{{i}}.{a}", f"{theirs}.encoder.layers.{{i}}.{b}")
+      for ours, theirs in (("visual.transformer", "vision_model"), ("transformer", "text_model"))
+      for a, b in (("attn", "self_attn"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                   ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))]]
+HF_TRANSPOSED = ("visual.proj", "text_projection")  # ours (D, E); an nn.Linear's weight (E, D)
+CONFIGS_OF = {  # each tower's config entries <- shapes' names; heads are 64 wide in both
+    "hf": {"text_config": dict(hidden_size="transformer_width", vocab_size="vocab_size",
+                               num_hidden_layers="transformer_layers",
+                               max_position_embeddings="context_length"),
+           "vision_config": dict(hidden_size="vision_width", num_hidden_layers="vision_layers",
+                                 image_size="image_resolution", patch_size="vision_patch_size")},
+    "open_clip": {"text_cfg": dict(width="transformer_width", heads="transformer_heads",
+                                   layers="transformer_layers", context_length="context_length",
+                                   vocab_size="vocab_size"),
+                  "vision_cfg": dict(width="vision_width", layers="vision_layers",
+                                     image_size="image_resolution",
+                                     patch_size="vision_patch_size")}}
+FILES = {"hf": ("config.json", "model.safetensors", "pytorch_model.bin"),  # config, weights
+         "open_clip": ("open_clip_config.json", "open_clip_model.safetensors",
+                       "open_clip_pytorch_model.bin")}
+
+
+def rename(key, table, reverse=False):
+    """key renamed by the entry of table that names it (reverse: theirs -> ours), else None."""
+    for ours, theirs in table:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        pattern = regex.escape(src).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<tail>\..+)?"
+        if m := regex.fullmatch(pattern, key):
+            return dst.format(i=m.groupdict().get("i")) + (m["tail"] or "")
+    return None
+
+
+def read_folder(folder):
+    """Our state dict of a transformers CLIPModel folder or an open_clip one, holding `uses_gelu`
+    when its config names GELU; its safetensors file when that optional package is installed."""
+    fmt = next((f for f, names in FILES.items() if os.path.isfile(f"{folder}/{names[0]}")), None)
+    if fmt is None:
+        raise CLIPLoadError(f"{folder} holds neither config.json (transformers) nor "
+                            "open_clip_config.json (open_clip); pass a CLIP model's folder")
+    config, st, pt = (os.path.join(folder, name) for name in FILES[fmt])
+    try:
+        with open(config) as f:
+            cfg = json.load(f)
+        if fmt == "hf":  # transformers' defaults: QuickGELU
+            towers = [cfg["text_config"], cfg["vision_config"]]
+            heads = [t["hidden_size"] / t["num_attention_heads"] for t in towers]
+            activation = "/".join(sorted({t.get("hidden_act", "quick_gelu") for t in towers}))
+        else:  # open_clip's: GELU, 64-wide heads, 8 text heads of 512
+            cfg = cfg["model_cfg"]
+            text, vision = cfg["text_cfg"], cfg["vision_cfg"]
+            heads = [text.get("width", 512) / text.get("heads", 8), vision.get("head_width", 64)]
+            activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable JSON, a missing entry
+        raise CLIPLoadError(f"{config} is unreadable ({type(e).__name__} {e}); pass a folder "
+                            "saved by transformers or open_clip") from None
+    if activation not in ACTIVATIONS or heads != [64, 64]:
+        raise CLIPLoadError(f"{folder}: activation {activation}, heads {heads} wide; this CLIP has "
+                            f"one of {', '.join(ACTIVATIONS)} and 64-wide heads (OpenAI's layout)")
+    try:
+        from safetensors.torch import load_file  # optional, as transformers and open_clip are
+    except ImportError:
+        load_file = None
+    if os.path.isfile(st) and load_file:
+        sd = load_file(st)
+    elif os.path.isfile(pt):
+        sd = read_file(pt)
+    elif os.path.isfile(st):
+        raise CLIPLoadError(f"{st} needs the safetensors package: pip install safetensors")
+    else:
+        raise CLIPLoadError(f"{folder} holds neither {os.path.basename(st)} nor "
+                            f"{os.path.basename(pt)}; pass a folder that holds its weights")
+    if fmt == "hf":  # older files hold position_ids (0, 1, 2, ...), not a weight
+        sd = {rename(k, HF_KEYS, reverse=True) or k: v for k, v in sd.items()
+              if not k.endswith("position_ids")}
+        sd = {k: v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
+    return {**sd, "uses_gelu": torch.ones(())} if activation == "gelu" else sd
+
+
+def hf_cached(repo_id):
+    """The folder of a Hugging Face hub id in the local cache, laid out as huggingface_hub does
+    (models--org--name/refs/main names the snapshot); no network, no huggingface_hub needed."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
+    try:
+        with open(os.path.join(repo, "refs", "main")) as f:
+            return os.path.join(repo, "snapshots", f.read().strip())
+    except OSError:
+        raise CLIPLoadError(f"hf-hub:{repo_id} is not in the Hugging Face cache (looked in "
+                            f"{repo}); download it once (hf download {repo_id}) or pass its "
+                            "folder") from None
+
+
+def load(name_or_path, device="cpu", download_root=None):
+    """An fp32 CLIP in eval mode from an OpenAI model name (downloaded once into download_root,
+    $CLIP_CACHE or ~/.cache/clip, where openai/CLIP keeps them too), a weight file (NOTE: a bare
+    state dict is read as OpenAI's, with QuickGELU), a transformers or open_clip folder, or
+    hf-hub:<id> of such a folder in the local Hugging Face cache."""
+    path = name_or_path
+    if name_or_path in MODELS:
+        root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
+        path = _download(MODELS[name_or_path], root)
+    elif path.startswith("hf-hub:"):
+        path = hf_cached(path[len("hf-hub:"):])
+    if not os.path.exists(path):
+        raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file "
+                            "or folder; pass one of those names, hf-hub:<id>, or a path")
+    sd = read_folder(path) if os.path.isdir(path) else read_file(path)
     return build_model(sd).float().to(device).eval()  # fp32: Adam on OpenAI's fp16 gives NaN
+
+
+def export(model, folder, format):
+    """Write a plain CLIP (adapters merged first: codyra.merge) as a folder that
+    transformers.CLIPModel.from_pretrained ("hf") or open_clip.create_model("local-dir:<folder>")
+    ("open_clip") reads. Weights in torch's format: both read it, and it needs no extra package."""
+    if format not in FILES:
+        raise ValueError(f"export format {format!r}: expected {' or '.join(FILES)}")
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if any("lora_" in k for k in sd):
+        raise ValueError("the model still has adapters: merge them first (codyra.merge)")
+    c = shapes(sd)
+    towers = {tower: {k: c[v] for k, v in names.items()}
+              for tower, names in CONFIGS_OF[format].items()}
+    sd.pop("uses_gelu", None)
+    if format == "hf":
+        for tower in towers.values():
+            tower.update(num_attention_heads=tower["hidden_size"] // 64, hidden_act=c["activation"],
+                         intermediate_size=4 * tower["hidden_size"], projection_dim=c["embed_dim"])
+        config = {"architectures": ["CLIPModel"], "model_type": "clip",
+                  "projection_dim": c["embed_dim"], **towers}
+        sd = {rename(k, HF_KEYS): v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
+    else:
+        config = {"model_cfg": {"embed_dim": c["embed_dim"], **towers,
+                                "quick_gelu": c["activation"] == "quick_gelu"},
+                  "preprocess_cfg": {"mean": MEAN, "std": STD}}
+        sd = packed(sd)
+    os.makedirs(folder, exist_ok=True)
+    config_file, stale, weights = (os.path.join(folder, name) for name in FILES[format])
+    with atomic(config_file) as tmp, open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    with atomic(weights) as tmp:
+        torch.save(sd, tmp)
+    if os.path.exists(stale):  # NOTE: both tools would read it first
+        os.remove(stale)
+    return folder

@@ -178,8 +178,9 @@ def add_arguments(p):
                        "before the first task and after the last (Table 4): "
                        f"{','.join(data.HOLDOUT)}; 'none'; default: tiny "
                        f"{','.join(tiny_world.HOLDOUT)}, others none")
-    groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16) or weight "
-                                 "file, or a checkpoint.pt; the tiny setting has its own")
+    groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16), weight "
+                                 "file, checkpoint.pt, transformers or open_clip folder, or "
+                                 "hf-hub:<id> (docs/checkpoints.md); the tiny setting has its own")
     group = groups["system"]
     group.add_argument("--out", help="output folder (default: out/<setting>-<method>)")
     group.add_argument("--overwrite", action="store_true", help="replace the results in --out")
@@ -307,8 +308,18 @@ def write_json(path, obj):
 def main():
     p = Parser("Evaluate CLIP (zero-shot, or a checkpoint of this project) on every dataset of "
                "a setting.")
-    add_arguments(p)
+    add_arguments(p)["model"].add_argument("--export", nargs=2, metavar=("FORMAT", "FOLDER"),
+                                           help="instead: write --model as a folder that "
+                                           "transformers (FORMAT hf) or open_clip reads")
     args = p.parse_args()
+    if args.export:  # no data, no evaluation
+        if args.export[0] not in clip_model.FILES:
+            p.error(f"--export {args.export[0]}: expected {' or '.join(clip_model.FILES)}")
+        try:
+            model = clip_model.load(args.model or "ViT-B/16")
+            return print(f"wrote {clip_model.export(model, args.export[1], args.export[0])}")
+        except (clip_model.CLIPLoadError, OSError) as e:
+            sys.exit(f"error: {e}")
     args.out = args.out or os.path.join("out", f"{args.setting}-zeroshot")
     check_arguments(p, args)
     results_path = os.path.join(args.out, "results.json")
