@@ -105,6 +105,7 @@ def test_an_unreadable_image_stops_the_run_before_training(tmp_path, where):
     write_fake_layout(tmp_path, "mtil")
     task = data.load_tasks("mtil", tmp_path, shots=2, datasets=["food"])[0]
     bad = getattr(task, where).images[1]
+    os.remove(bad)  # a file of its own: the written images are hard links to a shared pool
     with open(bad, "wb") as f:
         f.write(b"\xff\xd8 not really a jpeg")
     for workers in (0, 2):

@@ -2,13 +2,14 @@
 count: routed rows are lookups that satisfy the paper's identities, resume exactly, and rebuild."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import codyra
 import data
+import dryrun
 import routing
-from test_data import _jpeg, _touch
 from test_train import FAST, kill_after_first_task, run
 
 THREE = [*FAST, "--datasets", "shapes,digits,colours"]
@@ -117,20 +118,21 @@ def test_ae_route_takes_the_lowest_accepted_error():
 
 def write_places365(root, per_class=1):
     """torchvision's Places365(split='val', small=True) layout with 365 classes."""
-    folder = root / "places365"
-    _touch(folder / "categories_places365.txt",
+    folder, rng = root / "places365", np.random.default_rng(0)
+    dryrun.write(folder / "categories_places365.txt",
            "".join(f"/{chr(97 + i % 26)}/class_{i}/outdoor {i}\n" for i in range(365)))
     rows = [(f"Places365_val_{i * per_class + k:08d}.jpg", i)
             for i in range(365) for k in range(per_class)]
-    _touch(folder / "places365_val.txt", "".join(f"{f} {c}\n" for f, c in rows))
+    dryrun.write(folder / "places365_val.txt", "".join(f"{f} {c}\n" for f, c in rows))
     for f, _ in rows:
-        _touch(folder / "val_256" / f, _jpeg())
+        dryrun.jpeg(rng, (8, 8), folder / "val_256" / f)
 
 
 def write_imagenet(root):
     """torchvision's ImageNet(split='val') layout: val/<wnid>/*.JPEG, one image per class."""
+    rng = np.random.default_rng(0)
     for i in range(1000):
-        _touch(root / "imagenet" / "val" / f"n{i:08d}" / f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg())
+        dryrun.jpeg(rng, (8, 8), root / f"imagenet/val/n{i:08d}/ILSVRC2012_val_{i:08d}.JPEG")
 
 
 def test_holdout_datasets_load_from_torchvision_layouts(tmp_path):
