@@ -411,13 +411,13 @@ def test_mtil_reads_coop_and_xtail_reads_torchvision(coop_root, mtil_root, capsy
     assert union == {"coop": 1100, "torchvision": 1101}
 
 
-def test_a_size_unlike_the_known_one_warns_once_and_the_run_goes_on(xtail_root, tiny_weights,
+def test_a_size_unlike_the_known_one_warns_once_and_the_run_goes_on(xtail_root, small_weights,
                                                                      tmp_path):
     """eval.py on datasets of other sizes than the real ones prints one warning line per dataset,
     naming it with both sizes, and evaluates every dataset all the same."""
     out = subprocess.run([sys.executable, "eval.py", "--setting", "xtail", "--data-dir",
                           str(xtail_root), "--datasets", "eurosat,mnist", "--prompts", "photo",
-                          "--model", tiny_weights, "--workers", "0", "--cache-dir", "none",
+                          "--model", small_weights, "--workers", "0", "--cache-dir", "none",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     warnings = [line for line in out.stdout.splitlines() if line.startswith("warning:")]

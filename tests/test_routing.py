@@ -16,10 +16,10 @@ THREE = [*FAST, "--datasets", "shapes,digits,colours"]
 
 
 @pytest.fixture(scope="module")
-def whole(tiny_weights, tmp_path_factory):
+def whole(small_weights, tmp_path_factory):
     """(folder, results) of an uninterrupted tiny run of three tasks with both routings."""
     out = tmp_path_factory.mktemp("whole")
-    done = run(*THREE, "--model", tiny_weights, "--out", str(out))
+    done = run(*THREE, "--model", small_weights, "--out", str(out))
     assert done.returncode == 0, done.stderr
     return out, json.loads((out / "results.json").read_text())
 
@@ -51,11 +51,11 @@ def test_autoencoder_routing_reports_its_accuracy(whole):
     assert ae["metrics"]["last"]["mean"] is not None
 
 
-def test_merged_factors_rebuild_the_final_model(whole, tiny_weights):
+def test_merged_factors_rebuild_the_final_model(whole, small_weights):
     """The pretrained weights plus each task's saved factors (W += B' A', in task order) give the
     checkpoint's weights to the bit."""
     out, res = whole
-    weights = torch.load(tiny_weights, weights_only=True)
+    weights = torch.load(small_weights, weights_only=True)
     for t in range(len(res["acc"])):
         for name, (B, A) in torch.load(out / f"factors-task{t + 1}.pt", weights_only=True).items():
             weights[name + ".weight"] += B @ A
@@ -63,13 +63,13 @@ def test_merged_factors_rebuild_the_final_model(whole, tiny_weights):
     assert all(torch.equal(final[k], weights[k]) for k in final)
 
 
-def test_resume_after_kill_gives_the_same_routed_rows(whole, tiny_weights, tmp_path):
+def test_resume_after_kill_gives_the_same_routed_rows(whole, small_weights, tmp_path):
     """A run killed after a task and resumed gives the first and both second rows of a run never
     interrupted, to the bit."""
     _, res = whole
-    finished = kill_after_first_task(*THREE, "--model", tiny_weights, out=tmp_path)
+    finished = kill_after_first_task(*THREE, "--model", small_weights, out=tmp_path)
     assert 1 <= finished < len(res["acc"]), "the run was not interrupted mid-sequence"
-    out = run(*THREE, "--model", tiny_weights, "--out", str(tmp_path), "--resume")
+    out = run(*THREE, "--model", small_weights, "--out", str(tmp_path), "--resume")
     assert out.returncode == 0, out.stderr
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["acc"] == res["acc"]
