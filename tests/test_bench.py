@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,3 +36,16 @@ def test_mtil_dry_run_times_every_phase(tmp_path):
     assert res["datasets"] == list(real) and res["classes"] == [sizes[n][0] for n in real]
     assert len(res["acc"]) == 11 and all(len(row) == 11 for row in res["acc"])
     assert "written once" in table and (tmp_path / "mtil-0.0001" / "data" / "SUN397").is_dir()
+
+
+@pytest.mark.parametrize("scale", ["nan", "0"])
+def test_a_scale_outside_0_1_is_one_error_line(scale, tmp_path):
+    """--scale nan or 0 stops the dry run with one `error:` line naming --scale, before writing
+    anything."""
+    out = subprocess.run([sys.executable, "bench.py", "--sequence", "mtil", "--scale", scale,
+                          "--device", "cpu", "--root", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(errors) == 1 and "--scale must lie in (0, 1]" in errors[0], out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -176,12 +176,12 @@ def test_export_refuses_adapters(tmp_path):
         clip_model.export(codyra.inject(tiny_clip("quick_gelu"), 2), str(tmp_path), "hf")
 
 
-def test_eval_export_writes_the_checkpoint(tiny_weights, tmp_path, monkeypatch, capsys):
+def test_eval_export_writes_the_checkpoint(small_weights, tmp_path, monkeypatch, capsys):
     """python eval.py --model CKPT --export open_clip FOLDER writes the checkpoint's weights."""
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", tiny_weights,
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", small_weights,
                                       "--export", "open_clip", str(tmp_path / "oc")])
     evaluation.main()
-    assert_same_state(clip_model.load(str(tmp_path / "oc")), clip_model.load(tiny_weights))
+    assert_same_state(clip_model.load(str(tmp_path / "oc")), clip_model.load(small_weights))
     monkeypatch.setattr(sys, "argv", ["eval.py", "--export", "onnx", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
         evaluation.main()
@@ -196,9 +196,11 @@ def test_shipped_tiny_clip_loads():
     assert_same_state(clip_model.load(tiny_world.SHIPPED), tiny_world.load(tiny_world.SHIPPED))
 
 
-def test_analysis_compares_a_checkpoint_with_the_shipped_tiny_clip(tiny_weights, monkeypatch,
+def test_analysis_compares_a_checkpoint_with_the_shipped_tiny_clip(tmp_path, monkeypatch,
                                                                    capsys):
     """python analysis.py CHECKPOINT assets/tiny_clip.pt prints the comparison, no error."""
-    monkeypatch.setattr(sys, "argv", ["analysis.py", tiny_weights, tiny_world.SHIPPED])
+    torch.save({"model": tiny_clip("quick_gelu").state_dict()}, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(sys, "argv", ["analysis.py", str(tmp_path / "checkpoint.pt"),
+                                      tiny_world.SHIPPED])
     analysis.main()
     assert "drift relative to ||W_A||_F" in capsys.readouterr().out

@@ -3,7 +3,6 @@ random weights -> same features; OpenAI's file formats; OpenAI's token ids; one-
 import hashlib
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import open_clip  # test-only: the independent reference (requirements-test.txt)
 from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
 
 import clip_model
+from dryrun import write_openai_archive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY, B16 = clip_model.CONFIGS["tiny"], clip_model.CONFIGS["ViT-B/16"]
@@ -111,33 +111,6 @@ def test_cutting_text_changes_no_feature(tiny):
 
 # -----------------------------------------------------------------------------
 # loading
-
-
-def write_openai_archive(sd, path):
-    """Write `sd` as OpenAI does: a TorchScript archive, fp16 weights, three extra integer
-    entries."""
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
-              vocab_size=torch.tensor(49408))
-    root = Holder()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, Holder())
-            module = getattr(module, name)
-        module.register_buffer(leaf, value)
-    with warnings.catch_warnings():
-        # TorchScript is deprecated, OpenAI's files still use it
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(root), path)
-    return sd
-
-
-class Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 def assert_same_state(a, b):

@@ -19,11 +19,11 @@ def test_a_method_it_cannot_run_is_refused_before_any_run(tmp_path):
         assert not os.listdir(tmp_path)
 
 
-def test_two_methods_print_the_operating_point_and_plot(tiny_weights, tmp_path):
+def test_two_methods_print_the_operating_point_and_plot(small_weights, tmp_path):
     """Two tiny runs: the side-by-side with the paper's statistics and a PNG figure."""
     png = tmp_path / "curves.png"
     out = compare("--methods", "codyra,lora", "--seeds", "0", "--out", str(tmp_path),
-                  "--plot", str(png), "--", "--model", tiny_weights, "--datasets",
+                  "--plot", str(png), "--", "--model", small_weights, "--datasets",
                   "shapes,digits", "--iterations", "4", "--batch-size", "4", "--rank", "2",
                   "--workers", "0", "--holdout", "none", "--routing", "none")
     assert out.returncode == 0, out.stderr

@@ -2,23 +2,21 @@
 
 `write_fake_layout(root, setting, layout=None)` is the shared fixture: real folder and file names,
 a few 8x8 images per class, real split-file formats (CoOp JSON, torchvision txt/json/.mat/pickle/
-idx). Each dataset has 3 classes, so every load also warns that its sizes are not the real ones.
+idx), written by the dry run's writer (dryrun.write_dataset). Each dataset has 3 classes, so
+every load also warns that its sizes are not the real ones.
 """
-import io
 import json
 import os
-import pickle
 import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import scipy.io  # writes the tiny Flowers102 / StanfordCars .mat files
 import torch
-from PIL import Image
 
 import data
+import dryrun
 from conftest import ROOT
 
 # the first three classes of every dataset: (folder or raw name on disk, name in a CoOp split file)
@@ -31,7 +29,8 @@ FAKE_CLASSES = {
                 ("HerbaceousVegetation", "Herbaceous Vegetation Land")],
     "flowers": ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
     "food": ["apple_pie", "baby_back_ribs", "baklava"],
-    "pets": ["Abyssinian", "american_bulldog", "american_pit_bull_terrier"],
+    "pets": [("Abyssinian", "abyssinian"), ("american_bulldog", "american_bulldog"),
+             ("american_pit_bull_terrier", "american_pit_bull_terrier")],
     "cars": [("AM General Hummer SUV 2000", "2000 AM General Hummer SUV"),
              ("Acura RL Sedan 2012", "2012 Acura RL Sedan"),
              ("Acura TL Sedan 2012", "2012 Acura TL Sedan")],
@@ -71,151 +70,21 @@ EXPECTED = {
 SPLIT_80_20 = ("caltech101", "eurosat", "sun397")  # torchvision layout only
 
 
-def _jpeg():
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _touch(path, content):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
-
-
-def _idx(array):
-    """An MNIST idx file: 0, 0, 0x08 (uint8), ndim, big-endian sizes, data."""
-    return bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.tobytes()
-
-
 def write_fake_layout(root, setting, classes_per_dataset=3, images_per_class=2, layout=None):
     """Write a tiny copy of every dataset of `setting` under root, in `layout` (default: the
-    setting's; "coop" writes CIFAR100 and MNIST as torchvision does).
+    setting's; "coop" writes CIFAR100 and MNIST as torchvision does), with dryrun.write_dataset.
 
     Each class gets images_per_class train and images_per_class test images (the 80/20 datasets
     get 2 * images_per_class in all); MNIST uses labels 0..classes_per_dataset-1 of its 10.
     """
-    C, K = classes_per_dataset, images_per_class
+    C, n = classes_per_dataset, classes_per_dataset * images_per_class
+    rng = np.random.default_rng(0)
     assert 1 <= C <= 3
-    jpg = _jpeg()
-    splits = ("train", "test")
-    coop = (layout or data.BENCHMARKS[setting]["layout"]) == "coop"
-
-    def images(folder, names):  # write each relative path as a jpg under folder
-        for n in names:
-            _touch(folder / n, jpg)
-
-    def coop_split(folder, split_file, image_dir, rel):  # rel(split, c, i) -> path in image_dir
-        items = {s: [[rel(s, c, i), c, raw[c][1]] for c in range(C) for i in range(K)]
-                 for s in splits}
-        images(folder / image_dir, [it[0] for s in splits for it in items[s]])
-        _touch(folder / split_file,
-               json.dumps({"train": items["train"], "val": [], "test": items["test"]}))
-
     for name in data.BENCHMARKS[setting]["datasets"]:
-        raw = FAKE_CLASSES.get(name, [])[:C]
-        if name == "aircraft":
-            d = root / ("fgvc_aircraft" if coop else "fgvc-aircraft-2013b/data")
-            _touch(d / "variants.txt", "".join(v + "\n" for v in raw))
-            for s in splits:
-                ids = [f"{s}{c}{i}" for c in range(C) for i in range(K)]
-                _touch(d / f"images_variant_{s}.txt",
-                       "".join(f"{x} {raw[int(x[-2])]}\n" for x in ids))
-                images(d / "images", [f"{x}.jpg" for x in ids])
-        elif name == "mnist":
-            for s, prefix in zip(splits, ("train", "t10k")):
-                labels = np.repeat(np.arange(C, dtype=np.uint8), K)
-                _touch(root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", _idx(labels))
-                _touch(root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte",
-                       _idx(np.full((len(labels), 28, 28), 255, np.uint8)))
-        elif name == "cifar100":
-            d = root / "cifar-100-python"
-            _touch(d / "meta", pickle.dumps({"fine_label_names": raw, "coarse_label_names": ["x"]}))
-            for s in splits:
-                _touch(d / s, pickle.dumps({"data": np.zeros((C * K, 3072), np.uint8),
-                                            "fine_labels": [c for c in range(C)
-                                                            for _ in range(K)]}))
-        elif coop:
-            folder, split_file, image_dir = {
-                "caltech101": ("caltech-101", "split_zhou_Caltech101.json", "101_ObjectCategories"),
-                "dtd": ("dtd", "split_zhou_DescribableTextures.json", "images"),
-                "eurosat": ("eurosat", "split_zhou_EuroSAT.json", "2750"),
-                "flowers": ("oxford_flowers", "split_zhou_OxfordFlowers.json", "jpg"),
-                "food": ("food-101", "split_zhou_Food101.json", "images"),
-                "pets": ("oxford_pets", "split_zhou_OxfordPets.json", "images"),
-                "cars": ("stanford_cars", "split_zhou_StanfordCars.json", ""),
-                "sun397": ("sun397", "split_zhou_SUN397.json", "SUN397"),
-            }[name]
-            if name in ("flowers", "food", "pets", "dtd"):
-                raw = [(r, r) for r in raw]
-            if name == "pets":
-                raw = [(r, r.lower()) for r, _ in raw]
-            rel = {
-                "flowers": lambda s, c, i: f"image_{100 * c + 10 * (s == 'test') + i + 1:05d}.jpg",
-                "pets": lambda s, c, i: f"{raw[c][0]}_{s}{i}.jpg",
-                "cars": lambda s, c, i: f"cars_{s}/{c:02d}{i:03d}.jpg",
-            }.get(name, lambda s, c, i: f"{raw[c][0]}/{s}_{i}.jpg")
-            coop_split(root / folder, split_file, image_dir, rel)
-        elif name == "caltech101":
-            d = root / "caltech101/101_ObjectCategories"
-            for folder in ["BACKGROUND_Google"] + [f for f, _ in raw]:
-                images(d / folder, [f"image_{i + 1:04d}.jpg" for i in range(2 * K)])
-        elif name == "dtd":
-            d = root / "dtd/dtd"
-            for s in splits:
-                # file order != label order
-                rows = [f"{t}/{t}_{s}{i}.jpg" for t in reversed(raw) for i in range(K)]
-                _touch(d / "labels" / f"{s}1.txt", "".join(r + "\n" for r in rows))
-                images(d / "images", rows)
-        elif name == "eurosat":
-            for folder, _ in raw:
-                images(root / "eurosat/2750" / folder,
-                       [f"{folder}_{i + 1}.jpg" for i in range(2 * K)])
-        elif name == "flowers":
-            d = root / "flowers-102"
-            n = 2 * C * K  # image c*2K + j has class c; the first K of a class are train
-            ids = {s: [c * 2 * K + (s == "test") * K + i + 1 for c in range(C) for i in range(K)]
-                   for s in splits}
-            d.mkdir(parents=True)
-            scipy.io.savemat(d / "imagelabels.mat",
-                             {"labels": np.repeat(np.arange(1, C + 1),
-                                                  2 * K)[None].astype(np.uint8)})
-            scipy.io.savemat(d / "setid.mat",
-                             {"trnid": np.array([ids["train"]], np.uint16),
-                              "valid": np.array([[n + 1]], np.uint16),
-                              "tstid": np.array([ids["test"]], np.uint16)})
-            images(d / "jpg", [f"image_{i:05d}.jpg" for s in splits for i in ids[s]])
-        elif name == "food":
-            d = root / "food-101"
-            for s in splits:
-                meta = {c: [f"{c}/{s}{i}" for i in range(K)] for c in reversed(raw)}
-                _touch(d / "meta" / f"{s}.json", json.dumps(meta))
-                images(d / "images", [f"{r}.jpg" for rs in meta.values() for r in rs])
-        elif name == "pets":
-            d = root / "oxford-iiit-pet"
-            for s, f in zip(splits, ("trainval", "test")):
-                rows = [(f"{raw[c]}_{s}{i}", c) for c in range(C) for i in range(K)]
-                _touch(d / "annotations" / f"{f}.txt",
-                       "".join(f"{x} {c + 1} {1 + (c > 0)} 1\n" for x, c in rows))
-                images(d / "images", [f"{x}.jpg" for x, _ in rows])
-        elif name == "cars":
-            d = root / "stanford_cars"
-            (d / "devkit").mkdir(parents=True)
-            scipy.io.savemat(d / "devkit/cars_meta.mat",
-                             {"class_names": np.array([[r for r, _ in raw]], dtype=object)})
-            for s, mat in zip(splits, ("devkit/cars_train_annos.mat",
-                                       "cars_test_annos_withlabels.mat")):
-                annos = np.zeros((1, C * K),
-                                 dtype=[("bbox_x1", "O"), ("class", "O"), ("fname", "O")])
-                for j in range(C * K):
-                    annos[0, j] = (np.array([[1]]), np.array([[j // K + 1]], np.uint8),
-                                   f"{j + 1:05d}.jpg")
-                scipy.io.savemat(d / mat, {"annotations": annos})
-                images(d / f"cars_{s}", [f"{j + 1:05d}.jpg" for j in range(C * K)])
-        elif name == "sun397":
-            d = root / "SUN397"
-            _touch(d / "ClassName.txt", "".join(f"/{r}\n" for r, _ in raw))
-            for r, _ in raw:
-                images(d / r, [f"sun_{r.replace('/', '')}{i}.jpg" for i in range(2 * K)])
+        raw = [r if isinstance(r, tuple) else (r, r)  # MNIST: labels only, its names are known
+               for r in FAKE_CLASSES.get(name, ["0", "1", "2"])][:C]
+        dryrun.write_dataset(root, layout or data.BENCHMARKS[setting]["layout"], name,
+                             [f for f, _ in raw], [c for _, c in raw], {"train": n, "test": n}, rng)
     return root
 
 
@@ -433,8 +302,8 @@ def test_malformed_split_file_one_line_error(tmp_path, content):
 def test_missing_image_is_reported(tmp_path):
     """An index that lists an image that is not on disk is reported as an incomplete dataset."""
     root = write_fake_layout(tmp_path, "xtail")
-    (root / "food-101/images/baklava/test_1.jpg").unlink()
-    with pytest.raises(data.DataError, match="food: .*baklava/test_1.jpg is listed but missing"):
+    (root / "food-101/images/baklava/test_0.jpg").unlink()
+    with pytest.raises(data.DataError, match="food: .*baklava/test_0.jpg is listed but missing"):
         data.load_tasks("xtail", root, datasets=["food"])
 
 
@@ -542,13 +411,13 @@ def test_mtil_reads_coop_and_xtail_reads_torchvision(coop_root, mtil_root, capsy
     assert union == {"coop": 1100, "torchvision": 1101}
 
 
-def test_a_size_unlike_the_known_one_warns_once_and_the_run_goes_on(xtail_root, tiny_weights,
+def test_a_size_unlike_the_known_one_warns_once_and_the_run_goes_on(xtail_root, small_weights,
                                                                      tmp_path):
     """eval.py on datasets of other sizes than the real ones prints one warning line per dataset,
     naming it with both sizes, and evaluates every dataset all the same."""
     out = subprocess.run([sys.executable, "eval.py", "--setting", "xtail", "--data-dir",
                           str(xtail_root), "--datasets", "eurosat,mnist", "--prompts", "photo",
-                          "--model", tiny_weights, "--workers", "0", "--cache-dir", "none",
+                          "--model", small_weights, "--workers", "0", "--cache-dir", "none",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     warnings = [line for line in out.stdout.splitlines() if line.startswith("warning:")]

@@ -105,6 +105,7 @@ def test_an_unreadable_image_stops_the_run_before_training(tmp_path, where):
     write_fake_layout(tmp_path, "mtil")
     task = data.load_tasks("mtil", tmp_path, shots=2, datasets=["food"])[0]
     bad = getattr(task, where).images[1]
+    os.remove(bad)  # a file of its own: the written images are hard links to a shared pool
     with open(bad, "wb") as f:
         f.write(b"\xff\xd8 not really a jpeg")
     for workers in (0, 2):
@@ -187,11 +188,11 @@ def test_tiny_world_script_refuses_what_it_does_not_know():
     (["--seed", "-1"], ["--seed"]), (["--device", "gpu0"], ["--device gpu0"]),
     (["--device", "cuda"], ["no CUDA"]), (["--rank", "100000"], ["--rank 100000"]),
     (["--out", "/proc/codyra-out"], ["cannot write"])])
-def test_refused_flags_give_one_line(flags, words, tiny_weights, tmp_path):
+def test_refused_flags_give_one_line(flags, words, small_weights, tmp_path):
     """Impossible values stop the run with one line (no usage block, no traceback)."""
     if flags == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    out = run("train.py", *FAST, "--model", tiny_weights,
+    out = run("train.py", *FAST, "--model", small_weights,
               *(["--out", str(tmp_path / "out")] if "--out" not in flags else []), *flags)
     one_line_error(out, *words)
     assert not (tmp_path / "out").exists(), "a refused run leaves no output folder"
@@ -218,11 +219,11 @@ def test_two_runs_into_one_out_do_not_mix(tmp_path):
     evaluation.claim(str(tmp_path)).close()  # free again once the first run ends
 
 
-def test_interrupted_runs_keep_what_they_finished(tiny_weights, tmp_path):
+def test_interrupted_runs_keep_what_they_finished(small_weights, tmp_path):
     """Ctrl-C prints one line; a checkpoint without results.json is not overwritten silently; a
     --model replaced before --resume, or a truncated checkpoint, gives one line."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", tiny_weights,
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", small_weights,
                              "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     while not (out / "results.json").exists() and proc.poll() is None:
@@ -231,7 +232,7 @@ def test_interrupted_runs_keep_what_they_finished(tiny_weights, tmp_path):
     stderr = proc.communicate()[1]
     assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
     os.remove(out / "results.json")  # as if killed between the two writes
-    one_line_error(run("train.py", *FAST, "--model", tiny_weights, "--out", str(out)), "--resume")
+    one_line_error(run("train.py", *FAST, "--model", small_weights, "--out", str(out)), "--resume")
     moved = tmp_path / "moved"  # a moved run folder still resumes
     shutil.copytree(out, moved)
     other = tmp_path / "other.pt"
@@ -239,27 +240,27 @@ def test_interrupted_runs_keep_what_they_finished(tiny_weights, tmp_path):
                other)
     one_line_error(run("train.py", *FAST, "--model", str(other), "--out", str(moved),
                        "--resume"), "--model")
-    os.replace(tiny_weights, tiny_weights + ".orig")
-    shutil.copy(other, tiny_weights)  # the same path, other weights
+    os.replace(small_weights, small_weights + ".orig")
+    shutil.copy(other, small_weights)  # the same path, other weights
     try:
-        one_line_error(run("train.py", *FAST, "--model", tiny_weights, "--out", str(moved),
+        one_line_error(run("train.py", *FAST, "--model", small_weights, "--out", str(moved),
                            "--resume"), "cannot continue")
     finally:
-        os.replace(tiny_weights + ".orig", tiny_weights)
+        os.replace(small_weights + ".orig", small_weights)
     ckpt = (moved / "checkpoint.pt").read_bytes()
     (moved / "checkpoint.pt").write_bytes(ckpt[:len(ckpt) // 2])
-    one_line_error(run("train.py", *FAST, "--model", tiny_weights, "--out", str(moved),
+    one_line_error(run("train.py", *FAST, "--model", small_weights, "--out", str(moved),
                        "--resume"), "cannot continue")
     (moved / "checkpoint.pt").write_bytes(ckpt)
-    finished = run("train.py", *FAST, "--model", tiny_weights, "--out", str(moved), "--resume")
+    finished = run("train.py", *FAST, "--model", small_weights, "--out", str(moved), "--resume")
     assert finished.returncode == 0, finished.stderr
     results = json.loads((moved / "results.json").read_text())
     assert len(results["acc"]) == 2 and results["environment"]["torch"] == torch.__version__
 
 
-def test_a_nan_loss_stops_with_one_line(tiny_weights, tmp_path):
+def test_a_nan_loss_stops_with_one_line(small_weights, tmp_path):
     """A loss that becomes NaN stops the run before the task is merged or saved."""
-    out = run("train.py", *FAST, "--model", tiny_weights, "--out", str(tmp_path), "--lr", "1e30")
+    out = run("train.py", *FAST, "--model", small_weights, "--out", str(tmp_path), "--lr", "1e30")
     one_line_error(out, "the loss became", "lower --lr")
     assert not (tmp_path / "checkpoint.pt").exists()
 

@@ -14,7 +14,8 @@ ALLOWED = {  # file -> the project files it may import
     "eval": {"clip_model", "data", "tiny_world"},
     "analysis": {"codyra", "clip_model"},
     "train": {"codyra", "clip_model", "eval", "analysis", "routing"},
-    "bench": {"codyra", "clip_model", "data", "eval", "tiny_world", "analysis"},
+    "dryrun": {"clip_model", "data", "eval"},
+    "bench": {"codyra", "clip_model", "data", "dryrun", "eval", "tiny_world", "analysis"},
     "compare": {"codyra", "clip_model", "data", "eval", "tiny_world", "analysis"},
 }
 

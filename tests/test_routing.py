@@ -2,23 +2,24 @@
 count: routed rows are lookups that satisfy the paper's identities, resume exactly, and rebuild."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import codyra
 import data
+import dryrun
 import routing
-from test_data import _jpeg, _touch
 from test_train import FAST, kill_after_first_task, run
 
 THREE = [*FAST, "--datasets", "shapes,digits,colours"]
 
 
 @pytest.fixture(scope="module")
-def whole(tiny_weights, tmp_path_factory):
+def whole(small_weights, tmp_path_factory):
     """(folder, results) of an uninterrupted tiny run of three tasks with both routings."""
     out = tmp_path_factory.mktemp("whole")
-    done = run(*THREE, "--model", tiny_weights, "--out", str(out))
+    done = run(*THREE, "--model", small_weights, "--out", str(out))
     assert done.returncode == 0, done.stderr
     return out, json.loads((out / "results.json").read_text())
 
@@ -50,11 +51,11 @@ def test_autoencoder_routing_reports_its_accuracy(whole):
     assert ae["metrics"]["last"]["mean"] is not None
 
 
-def test_merged_factors_rebuild_the_final_model(whole, tiny_weights):
+def test_merged_factors_rebuild_the_final_model(whole, small_weights):
     """The pretrained weights plus each task's saved factors (W += B' A', in task order) give the
     checkpoint's weights to the bit."""
     out, res = whole
-    weights = torch.load(tiny_weights, weights_only=True)
+    weights = torch.load(small_weights, weights_only=True)
     for t in range(len(res["acc"])):
         for name, (B, A) in torch.load(out / f"factors-task{t + 1}.pt", weights_only=True).items():
             weights[name + ".weight"] += B @ A
@@ -62,13 +63,13 @@ def test_merged_factors_rebuild_the_final_model(whole, tiny_weights):
     assert all(torch.equal(final[k], weights[k]) for k in final)
 
 
-def test_resume_after_kill_gives_the_same_routed_rows(whole, tiny_weights, tmp_path):
+def test_resume_after_kill_gives_the_same_routed_rows(whole, small_weights, tmp_path):
     """A run killed after a task and resumed gives the first and both second rows of a run never
     interrupted, to the bit."""
     _, res = whole
-    finished = kill_after_first_task(*THREE, "--model", tiny_weights, out=tmp_path)
+    finished = kill_after_first_task(*THREE, "--model", small_weights, out=tmp_path)
     assert 1 <= finished < len(res["acc"]), "the run was not interrupted mid-sequence"
-    out = run(*THREE, "--model", tiny_weights, "--out", str(tmp_path), "--resume")
+    out = run(*THREE, "--model", small_weights, "--out", str(tmp_path), "--resume")
     assert out.returncode == 0, out.stderr
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["acc"] == res["acc"]
@@ -117,20 +118,21 @@ def test_ae_route_takes_the_lowest_accepted_error():
 
 def write_places365(root, per_class=1):
     """torchvision's Places365(split='val', small=True) layout with 365 classes."""
-    folder = root / "places365"
-    _touch(folder / "categories_places365.txt",
+    folder, rng = root / "places365", np.random.default_rng(0)
+    dryrun.write(folder / "categories_places365.txt",
            "".join(f"/{chr(97 + i % 26)}/class_{i}/outdoor {i}\n" for i in range(365)))
     rows = [(f"Places365_val_{i * per_class + k:08d}.jpg", i)
             for i in range(365) for k in range(per_class)]
-    _touch(folder / "places365_val.txt", "".join(f"{f} {c}\n" for f, c in rows))
+    dryrun.write(folder / "places365_val.txt", "".join(f"{f} {c}\n" for f, c in rows))
     for f, _ in rows:
-        _touch(folder / "val_256" / f, _jpeg())
+        dryrun.jpeg(rng, (8, 8), folder / "val_256" / f)
 
 
 def write_imagenet(root):
     """torchvision's ImageNet(split='val') layout: val/<wnid>/*.JPEG, one image per class."""
+    rng = np.random.default_rng(0)
     for i in range(1000):
-        _touch(root / "imagenet" / "val" / f"n{i:08d}" / f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg())
+        dryrun.jpeg(rng, (8, 8), root / f"imagenet/val/n{i:08d}/ILSVRC2012_val_{i:08d}.JPEG")
 
 
 def test_holdout_datasets_load_from_torchvision_layouts(tmp_path):

@@ -11,9 +11,10 @@ import clip_model
 import data
 import eval as evaluation
 import tiny_world as tw
-from conftest import make_tiny_clip
+from conftest import SMALL, make_small_clip
 
 CPU = torch.device("cpu")
+PX = SMALL["image_resolution"]  # the small CLIP's side in pixels
 
 
 def jpeg_set(folder, n=6):
@@ -51,11 +52,11 @@ def test_preprocess_normalize_and_cache_equal_torchvision_bitwise(tmp_path):
 def test_cached_evaluation_gives_identical_features_and_accuracy(tmp_path):
     """fp32: image features from the cache equal those from decoding, bit for bit, so accuracy
     is identical."""
-    model, tasks = make_tiny_clip(), tw.tasks(1, test_per_class=6)
-    data.prepare(tasks, tw.RES)
+    model, tasks = make_small_clip(), tw.tasks(1, test_per_class=6)
+    data.prepare(tasks, PX)
     plain = [evaluation.image_features(model.encode_image, t.test, CPU, 16, 0)[0] for t in tasks]
     row = evaluation.evaluate(model, tasks, False, CPU, 16, 0)
-    data.prepare(tasks, tw.RES, str(tmp_path), 2)
+    data.prepare(tasks, PX, str(tmp_path), 2)
     assert all(isinstance(t.test, data.CachedImages) for t in tasks)
     cached = [evaluation.image_features(model.encode_image, t.test, CPU, 16, 2)[0] for t in tasks]
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))
@@ -88,10 +89,10 @@ def _ridge(x, y, lam=0.1):
 
 @torch.no_grad()
 def fitted_clip(tasks):
-    """A tiny random CLIP whose two projections are fitted in closed form (ridge) so that each
+    """A small random CLIP whose two projections are fitted in closed form (ridge) so that each
     image's feature points at its class prompt's: predictions spread over the classes."""
-    model = make_tiny_clip()
-    width = model.visual.proj.shape[0]  # both towers of the tiny CLIP are this wide
+    model = make_small_clip()
+    width = model.visual.proj.shape[0]  # both towers of the small CLIP are this wide
     model.visual.proj = torch.nn.Parameter(torch.eye(width))  # features before the projections
     model.text_projection = torch.nn.Parameter(torch.eye(width))
     prompts = [t.templates[0].format(c) for t in tasks for c in t.classnames]
@@ -113,7 +114,7 @@ def test_bf16_evaluation_agrees_with_fp32():
     """bf16 autocast evaluation of a non-degenerate model: accuracy within 0.5 pp of fp32, over
     90% same predictions."""
     tasks = tw.tasks(1, test_per_class=40)
-    data.prepare(tasks, tw.RES)
+    data.prepare(tasks, PX)
     model = fitted_clip(tasks)
     preds = {}
     for amp in (False, True):

@@ -33,9 +33,9 @@ def kill_after_first_task(*argv, out):
     return len(json.loads((out / "results.json").read_text())["acc"])
 
 
-def test_tiny_run_end_to_end(tiny_weights, tmp_path):
+def test_tiny_run_end_to_end(small_weights, tmp_path):
     """train.py walks the whole tiny sequence and writes a complete results.json."""
-    out = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path))
+    out = run(*FAST, "--model", small_weights, "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     T = len(res["datasets"])
@@ -45,10 +45,10 @@ def test_tiny_run_end_to_end(tiny_weights, tmp_path):
     assert "Transfer" in out.stdout and "Last" in out.stdout
 
 
-def test_existing_results_are_not_overwritten(tiny_weights, tmp_path):
+def test_existing_results_are_not_overwritten(small_weights, tmp_path):
     """A second run into a folder holding results is refused with one line, unless asked."""
     (tmp_path / "results.json").write_text("{}")
-    out = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path))
+    out = run(*FAST, "--model", small_weights, "--out", str(tmp_path))
     assert out.returncode != 0 and "--overwrite" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -61,11 +61,11 @@ def test_impossible_flags_are_refused(flags, tmp_path):
     assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_precision_fp32_on_cpu_is_the_default_path(tiny_weights, tmp_path):
+def test_precision_fp32_on_cpu_is_the_default_path(small_weights, tmp_path):
     """--precision fp32 on a CPU gives the accuracy matrix of a run without the flag, to the bit;
     --precision bf16 on a CPU is refused in one line."""
     for out, flags in (("default", []), ("fp32", ["--precision", "fp32"])):
-        done = run(*FAST, "--model", tiny_weights, "--out", str(tmp_path / out), *flags)
+        done = run(*FAST, "--model", small_weights, "--out", str(tmp_path / out), *flags)
         assert done.returncode == 0 and "device: cpu (fp32 weights)" in done.stdout, done.stderr
     default, fp32 = (json.loads((tmp_path / out / "results.json").read_text())["acc"]
                      for out in ("default", "fp32"))
@@ -75,36 +75,36 @@ def test_precision_fp32_on_cpu_is_the_default_path(tiny_weights, tmp_path):
     assert out.stderr.strip() == "error: --precision bf16 needs CUDA; on cpu, use --precision fp32"
 
 
-def test_resume_after_kill_gives_the_same_matrix(tiny_weights, tmp_path):
+def test_resume_after_kill_gives_the_same_matrix(small_weights, tmp_path):
     """Killing a run after a task and resuming it gives the matrix of a run never interrupted."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run(*FAST, "--model", tiny_weights, "--out", str(whole)).returncode == 0
-    finished = kill_after_first_task(*FAST, "--model", tiny_weights, out=cut)
+    assert run(*FAST, "--model", small_weights, "--out", str(whole)).returncode == 0
+    finished = kill_after_first_task(*FAST, "--model", small_weights, out=cut)
     total = len(json.loads((whole / "results.json").read_text())["acc"])
     assert 1 <= finished < total, "the run was not interrupted mid-sequence"
-    other = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume", "--seed", "9")
+    other = run(*FAST, "--model", small_weights, "--out", str(cut), "--resume", "--seed", "9")
     assert other.returncode == 2 and "--seed" in other.stderr, \
         "resuming with another seed must be refused"
-    out = run(*FAST, "--model", tiny_weights, "--out", str(cut), "--resume")
+    out = run(*FAST, "--model", small_weights, "--out", str(cut), "--resume")
     assert out.returncode == 0, out.stderr
     assert (json.loads((cut / "results.json").read_text())["acc"]
             == json.loads((whole / "results.json").read_text())["acc"])
 
 
-def test_eval_script_writes_one_row(tiny_weights, tmp_path):
+def test_eval_script_writes_one_row(small_weights, tmp_path):
     """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--setting", "tiny",
-                          "--model", tiny_weights, "--workers", "0", "--out", str(tmp_path)],
+                          "--model", small_weights, "--workers", "0", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["acc"]) == 1 and len(res["acc"][0]) == len(res["datasets"]) >= 5
 
 
-def test_zero_shot_row_comes_first_and_equals_eval_py(tiny_weights, tmp_path):
+def test_zero_shot_row_comes_first_and_equals_eval_py(small_weights, tmp_path):
     """Every run records the model before its first task as the zero-shot row, which is what
     eval.py gives for the same model."""
-    argv = ["--setting", "tiny", "--datasets", "shapes,digits", "--model", tiny_weights,
+    argv = ["--setting", "tiny", "--datasets", "shapes,digits", "--model", small_weights,
             "--workers", "0"]
     trained = run(*FAST[2:], *argv, "--out", str(tmp_path / "train"))
     assert trained.returncode == 0, trained.stderr
