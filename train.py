@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import analysis
 import clip_model
 import codyra
+import data
 import eval as evaluation
 import routing
 
@@ -32,6 +33,7 @@ RECIPES = {
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=2e-3, lr_full=1e-4),
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
+RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 ROUTERS = {"ae": "the domain-wise auto-encoders",
            "oracle": "the oracle (each image to its own domain once learned)"}
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
@@ -123,7 +125,7 @@ frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routin
 eval_batch = evaluation.eval_batch_size(args.eval_batch_size, device)
 results = {"setting": args.setting, "datasets": [t.name for t in tasks],
            "classes": [len(t.classnames) for t in tasks], "acc": [], "analysis": [], "seconds": [],
-           "setup_seconds": time.time() - began, "args": vars(args),
+           "setup_seconds": time.time() - began, "args": vars(args), "tasks": data.describe(tasks),
            "routed": {name: {"acc": [], "routing_accuracy": []} for name in
                       {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
            "holdout": {"datasets": [t.name for t in holdout]}}
@@ -135,6 +137,9 @@ if args.resume:  # the weights and results of the finished tasks
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = [k for k, v in saved["results"]["args"].items()
                    if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
+        if not changed and saved["results"].get("tasks") != results["tasks"]:  # edited folders
+            p.error(f"--resume: the tasks in {args.data_dir} differ from the run in {args.out} "
+                    "(names, classes, prompts or sizes); restore them, or start a new run")
         if not changed:
             model.load_state_dict(saved["model"])
             results.update({k: v for k, v in saved["results"].items() if k != "args"})
