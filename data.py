@@ -97,7 +97,14 @@ class Task:
     templates: list   # evaluation averages them, training uses [0] (data.class_prompts)
     train: "ImageSet"
     test: "ImageSet"
-    split: dict = field(default_factory=dict)  # your own tasks: how they were split (describe)
+    split: dict = field(default_factory=dict)  # your own tasks: how they were split
+
+    def describe(self):
+        """What results.json records of a task: its classes and templates, the images trained on
+        (the few-shot set) and tested, and for your own tasks how they were split."""
+        return {"name": self.name, "classnames": list(self.classnames),
+                "templates": list(self.templates), "test": len(self.test),
+                "train": None if self.train is None else len(self.train), **self.split}
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -237,7 +244,7 @@ def _image_folder(root, skip=()):
     classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir()
                      and c[0] not in "._")  # not .ipynb_checkpoints, __MACOSX
     if not classes:
-        raise ValueError(f"{root} holds no class folder (<class>/<image>)")
+        raise ValueError(f"{root} holds no class folder: put each class's images in <class>/ there")
     paths, labels = [], []
     for label, c in enumerate(classes):
         files = sorted(f for f in os.listdir(root / c)  # not macOS's "._x.jpg" companions
@@ -587,8 +594,8 @@ def _folder_task(folder, shots, seed):
     if (folder / "classnames.txt").is_file():
         names = _lines(folder / "classnames.txt")
         if len(names) != len(classes):
-            raise ValueError(f"{folder / 'classnames.txt'} has {len(names)} names for "
-                             f"{len(classes)} class folders: write one a line, in sorted order")
+            raise ValueError(f"{folder / 'classnames.txt'} names {len(names)} classes, the folders "
+                             f"{len(classes)}: write one name a line, in the folders' sorted order")
     templates = (_lines(folder / "templates.txt") if (folder / "templates.txt").is_file()
                  else ["a photo of a {}."])
     if not templates or any("{}" not in t for t in templates):
@@ -613,23 +620,18 @@ def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
         raise DataError(f"{data_dir} holds no task folder; pass a --data-dir of task folders, each "
                         "train/<class>/<image> and test/<class>/<image> (docs/own_tasks.md)")
     if unknown := [n for n in [*(names or ()), *holdout] if n not in found]:
-        raise DataError(f"no task folder {data_dir / unknown[0]}; there: {', '.join(found)}")
+        raise DataError(f"no task folder {data_dir / unknown[0]}; the task folders there: "
+                        + ", ".join(found))
+    names = names or [n for n in found if n not in holdout]
+    if not names:
+        raise DataError(f"--holdout names every task folder of {data_dir}; leave one to learn")
 
     def read(name, shots):
         try:
             return _folder_task(data_dir / name, shots, seed)
         except (OSError, ValueError) as e:
             raise DataError(f"{name}: {' '.join(str(e).split())}") from None
-    return ([read(n, shots) for n in names or [n for n in found if n not in holdout]],
-            [read(n, None) for n in holdout])
-
-
-def describe(tasks):
-    """What results.json records of each task: its classes and templates, the images trained on
-    (the few-shot set) and tested, and for your own tasks how they were split."""
-    return [{"name": t.name, "classnames": list(t.classnames), "templates": list(t.templates),
-             "train": None if t.train is None else len(t.train), "test": len(t.test), **t.split}
-            for t in tasks]
+    return [read(n, shots) for n in names], [read(n, None) for n in holdout]
 
 
 def prepare(tasks, resolution, cache_dir=None, workers=0):

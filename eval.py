@@ -206,7 +206,7 @@ def check_arguments(p, args):
     if args.datasets and len(set(args.datasets)) < len(args.datasets):
         p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
     if args.setting in ("tiny", "folders") and (args.layout or args.prompts):
-        p.error(f"--layout and --prompts are for mtil and xtail: {args.setting} has its own")
+        p.error(f"--layout and --prompts are for mtil and xtail, not {args.setting}")
     holdout = {"tiny": tiny_world.HOLDOUT}.get(args.setting, ())
     args.holdout = [] if args.holdout == "none" else (
         args.holdout.split(",") if args.holdout else list(holdout))
@@ -328,7 +328,7 @@ def main():
     print(format_header(names) + "\n" + format_row("accuracy", row + [metrics["last"]["mean"]]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
-    results = {"setting": args.setting, "datasets": names, "tasks": data.describe(tasks),
+    results = {"setting": args.setting, "datasets": names, "tasks": [t.describe() for t in tasks],
                "acc": [row], "metrics": metrics}
     if holdout:  # the zero-shot row of Table 4
         with autocast(device, args.precision):

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import analysis
 import clip_model
 import codyra
-import data
 import eval as evaluation
 import routing
 
@@ -123,9 +122,9 @@ pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every t
 # before --resume loads later weights (ViT-B/16: 86M parameters, 344 MB in fp32)
 frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routing == "ae" else None
 eval_batch = evaluation.eval_batch_size(args.eval_batch_size, device)
-results = {"setting": args.setting, "datasets": [t.name for t in tasks],
-           "classes": [len(t.classnames) for t in tasks], "acc": [], "analysis": [], "seconds": [],
-           "setup_seconds": time.time() - began, "args": vars(args), "tasks": data.describe(tasks),
+results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args": vars(args),
+           "tasks": [t.describe() for t in tasks], "classes": [len(t.classnames) for t in tasks],
+           "acc": [], "analysis": [], "seconds": [], "setup_seconds": time.time() - began,
            "routed": {name: {"acc": [], "routing_accuracy": []} for name in
                       {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
            "holdout": {"datasets": [t.name for t in holdout]}}
