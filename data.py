@@ -555,16 +555,16 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
 
 
 # --- your own tasks (docs/own_tasks.md): one folder per task, in torchvision's ImageFolder layout
-def _split_per_class(paths, labels, classes):
-    """80/20 in each class, drawn from (SPLIT_SEED, the class folder) only: adding a class or a
-    task moves no other class's images. (train ImageSet, test ImageSet)"""
+def _split_per_class(folder, classes, paths, labels):
+    """80/20 in each class, drawn from (SPLIT_SEED, "<task>/<class>") only: moving the folders,
+    adding a class or a task moves no image between train and test. (train, test ImageSets)"""
     labels, train = np.asarray(labels), set()
-    for c, folder in enumerate(classes):
+    for c, name in enumerate(classes):
         members = np.flatnonzero(labels == c)
         if len(members) < 2:
-            raise ValueError(f"the class folder {folder} holds one image; an 80/20 split needs two:"
-                             " add images, or give the task train/ and test/ folders")
-        rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(folder.encode())])
+            raise ValueError(f"the class folder {folder / name} holds one image; an 80/20 split "
+                             "needs two: add images, or give the task train/ and test/ folders")
+        rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(f"{folder.name}/{name}".encode())])
         train.update(rng.permutation(members)[:int(0.8 * len(members))].tolist())
     full = ImageSet(paths, labels)
     return full.subset(sorted(train)), full.subset(i for i in range(len(paths)) if i not in train)
@@ -588,7 +588,7 @@ def _folder_task(folder, shots, seed):
                          f"val/): add the missing one, or put the classes in {folder} (80/20)")
     else:
         classes, paths, labels = _image_folder(folder)
-        train, test = _split_per_class(paths, labels, [str(folder / c) for c in classes])
+        train, test = _split_per_class(folder, classes, paths, labels)
         split = {"split": "80/20 per class", "split_seed": SPLIT_SEED}
     names = [c.replace("_", " ").replace("-", " ") for c in classes]
     if (folder / "classnames.txt").is_file():

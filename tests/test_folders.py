@@ -166,15 +166,16 @@ def test_a_prompt_file_that_does_not_fit_is_refused(name, text, tmp_path):
     assert "\n" not in str(info.value) and str(root / "gamma" / name) in str(info.value)
 
 
-def test_a_class_split_depends_on_its_own_folder_only(tmp_path):
-    """The 80/20 split of a class folder moves no image when another class is added or the seed
+def test_a_class_split_depends_on_its_task_and_class_names_only(tmp_path):
+    """The 80/20 split of a class folder stays when the tasks move, a class is added or the seed
     changes (the seed draws only the shots)."""
-    root = write_tasks(tmp_path)
-
-    def tested(seed):  # beta's test images, but those of the added class
+    def tested(root, seed):  # beta's test images, as paths under root
         (beta,), _ = data.load_folders(root, shots=1, seed=seed, names=["beta"])
-        return {p for p in beta.test.images if "ant" not in p}
-    before = tested(0)
+        return {os.path.relpath(p, root) for p in beta.test.images}
+    before = tested(write_tasks(tmp_path / "here"), 0)
+    moved = tmp_path / "there"
+    shutil.move(tmp_path / "here", moved)
     for i in range(3):
-        write_image(root / "beta" / "ant" / f"{i}.jpg", 0, i)
-    assert tested(1) == before and len(before) == 3  # 5 a class: 4 train, 1 test
+        write_image(moved / "beta" / "ant" / f"{i}.jpg", 0, i)
+    after = tested(moved, 1)
+    assert len(before) == 3 and len(after) == 4 and before < after  # 5 a class: 4 train, 1 test
