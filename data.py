@@ -1,10 +1,12 @@
-"""The benchmark datasets of MTIL and X-TAIL, on torchvision's folder layouts or CoOp's splits.
+"""The benchmark datasets of MTIL and X-TAIL, on torchvision's folder layouts or CoOp's splits,
+and your own tasks: a folder of task folders, each in torchvision's ImageFolder layout.
 
 Every dataset becomes a `Task`: class names, prompt templates, and train/test sets indexing image
 files (CIFAR-100, MNIST: uint8 arrays) without decoding any. `load_tasks` finds every dataset of a
 run before reading any: a missing one is reported in one line before training, not at task 9.
 
     tasks = load_tasks("xtail", "~/data", shots=16)   # 10 Tasks in order, train sets 16-shot
+    tasks = load_folders("my_tasks", shots=16)        # your own: one Task per folder, sorted
     prepare(tasks, 224, "~/.cache/codyra/eval")       # CLIP's preprocessing, test images cached
 
 Which image lands where (SPEC section 3): caltech101, eurosat and sun397 have no official test set
@@ -20,7 +22,7 @@ import pickle
 import struct
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,10 @@ for _key in ("mtil", "xtail"):  # ImageNet's and Places365's names and templates
 MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate(
     "zero one two three four five six seven eight nine".split())]  # torchvision MNIST.classes
 PROMPTS = ("ensemble", "first", "photo")  # --prompts: see class_prompts
+FOLDERS = {"datasets": (), "eval_style": "task-aware"}  # your own tasks: found in --data-dir
+# torchvision's ImageFolder reads these (IMG_EXTENSIONS)
+IMAGE_FILES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_SEED = 42  # the 80/20 split of your own task without test/: fixed, as ZSCL's
 
 
 def class_prompts(name, classnames, prompts):
@@ -91,6 +97,14 @@ class Task:
     templates: list   # evaluation averages them, training uses [0] (data.class_prompts)
     train: "ImageSet"
     test: "ImageSet"
+    split: dict = field(default_factory=dict)  # your own tasks: how they were split
+
+    def describe(self):
+        """What results.json records of a task: its classes and templates, the images trained on
+        (the few-shot set) and tested, and for your own tasks how they were split."""
+        return {"name": self.name, "classnames": list(self.classnames),
+                "templates": list(self.templates), "test": len(self.test),
+                "train": None if self.train is None else len(self.train), **self.split}
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -136,9 +150,9 @@ class ImageSet(torch.utils.data.Dataset):
         random crop that still happens at every read. Same pixels, so the same crops follow."""
         if isinstance(self.images, np.ndarray):
             return self
-        rgb = ImageSet(self.images, self.labels, np.asarray)  # its own generator: no global draw
+        rgb = ImageSet(self.images, self.labels, np.array)  # a copy: torch warns on a read-only one
         loader = torch.utils.data.DataLoader(rgb, batch_size=None, num_workers=workers,
-                                             generator=torch.Generator())
+                                             generator=torch.Generator())  # no global draw
         return ImageSet([np.array(image) for image, _ in loader], self.labels, self.transform)
 
     def cached(self, name, cache_dir, workers=0):
@@ -224,21 +238,30 @@ def _labelled(train, test, classes):
                       for pairs in (train, test))
 
 
+def _image_folder(root, skip=()):
+    """torchvision's ImageFolder layout, root/<class>/<image>: (class folders, paths, labels),
+    sorted; an empty class folder raises (a class no image can teach or test)."""
+    classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir()
+                     and c[0] not in "._")  # not .ipynb_checkpoints, __MACOSX
+    if not classes:
+        raise ValueError(f"{root} holds no class folder: put each class's images in <class>/ there")
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(root / c)  # not macOS's "._x.jpg" companions
+                       if f.lower().endswith(IMAGE_FILES) and f[0] != ".")
+        if not files:
+            raise ValueError(f"the class folder {root / c} holds no image ({', '.join(IMAGE_FILES)}"
+                             "); add images to it or delete it")
+        paths += [str(root / c / f) for f in files]
+        labels += [label] * len(files)
+    return classes, paths, labels
+
+
 def _class_folders(name, subdir, skip=()):
     """A torchvision LAYOUTS entry without a test set: name/subdir/<class>/<file>, sorted, 80/20."""
     def read(folder):
-        root, entry = folder / subdir, ASSETS["mtil"][name]
-        classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir()
-                         and c[0] not in "._")  # not .ipynb_checkpoints, __MACOSX
-        paths, labels = [], []
-        for label, c in enumerate(classes):
-            files = sorted(f for f in os.listdir(root / c)  # not macOS's "._x.jpg" companions
-                           if f.lower().endswith((".jpg", ".jpeg", ".png")) and f[0] != ".")
-            if not files:
-                raise ValueError(f"the class folder {root / c} holds no image")
-            paths += [str(root / c / f) for f in files]
-            labels += [label] * len(files)
-        names = dict(zip(entry["folders"], entry["classnames"]))
+        classes, paths, labels = _image_folder(folder / subdir, skip)
+        names = dict(zip(ASSETS["mtil"][name]["folders"], ASSETS["mtil"][name]["classnames"]))
         return [names[c] for c in classes], *split_80_20(paths, labels)
     return (name,), (subdir,), read
 
@@ -363,16 +386,10 @@ def _places365(folder):  # torchvision Places365(split="val"): the validation se
 
 
 def _imagenet(folder):  # torchvision ImageNet(split="val"): val/<wnid>/*.JPEG, labels in wnid order
-    wnids = sorted(d for d in os.listdir(folder / "val") if (folder / "val" / d).is_dir()
-                   and d[0] not in "._")
+    wnids, paths, labels = _image_folder(folder / "val")
     if len(wnids) != 1000:
         raise ValueError(f"{folder / 'val'} holds {len(wnids)} class folders; ImageNet-1k has 1000")
-    paths, labels = [], []
-    for label, wnid in enumerate(wnids):  # the curated names (assets) follow this sorted order
-        files = sorted(f for f in os.listdir(folder / "val" / wnid)
-                       if f.lower().endswith((".jpeg", ".jpg", ".png")) and f[0] != ".")
-        paths += [str(folder / "val" / wnid / f) for f in files]
-        labels += [label] * len(files)
+    # the curated names (assets) follow the sorted wnids
     return list(ASSETS["mtil"]["imagenet"]["classnames"]), None, ImageSet(paths, labels)
 
 
@@ -535,6 +552,86 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
             train = train.subset(few_shot(train.labels, shots, seed, name))
         tasks.append(Task(name, classnames, templates, train, test))
     return tasks
+
+
+# --- your own tasks (docs/own_tasks.md): one folder per task, in torchvision's ImageFolder layout
+def _split_per_class(folder, classes, paths, labels):
+    """80/20 in each class, drawn from (SPLIT_SEED, "<task>/<class>") only: moving the folders,
+    adding a class or a task moves no image between train and test. (train, test ImageSets)"""
+    labels, train = np.asarray(labels), set()
+    for c, name in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 2:
+            raise ValueError(f"the class folder {folder / name} holds one image; an 80/20 split "
+                             "needs two: add images, or give the task train/ and test/ folders")
+        rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(f"{folder.name}/{name}".encode())])
+        train.update(rng.permutation(members)[:int(0.8 * len(members))].tolist())
+    full = ImageSet(paths, labels)
+    return full.subset(sorted(train)), full.subset(i for i in range(len(paths)) if i not in train)
+
+
+def _folder_task(folder, shots, seed):
+    """One task folder: train/ and test/ (or val/), each <class>/<image>, else <class>/<image>
+    split 80/20; names from the class folders or classnames.txt, templates from templates.txt."""
+    splits = [s for s in ("train", "test", "val") if (folder / s).is_dir()]
+    if splits[:1] == ["train"] and len(splits) > 1:
+        classes, paths, labels = _image_folder(folder / "train")
+        tested, test_paths, test_labels = _image_folder(folder / splits[1])
+        if extra := [c for c in tested if c not in classes]:
+            raise ValueError(f"the class folder {folder / splits[1] / extra[0]} has no match in "
+                             f"{folder / 'train'}; add its training images there or remove it")
+        train, test = ImageSet(paths, labels), ImageSet(test_paths, [classes.index(tested[y])
+                                                                     for y in test_labels])
+        split = {"split": f"train/ and {splits[1]}/"}
+    elif splits:
+        raise ValueError(f"{folder} has {'/ and '.join(splits)}/ but needs train/ and test/ (or "
+                         f"val/): add the missing one, or put the classes in {folder} (80/20)")
+    else:
+        classes, paths, labels = _image_folder(folder)
+        train, test = _split_per_class(folder, classes, paths, labels)
+        split = {"split": "80/20 per class", "split_seed": SPLIT_SEED}
+    names = [c.replace("_", " ").replace("-", " ") for c in classes]
+    if (folder / "classnames.txt").is_file():
+        names = _lines(folder / "classnames.txt")
+        if len(names) != len(classes):
+            raise ValueError(f"{folder / 'classnames.txt'} names {len(names)} classes, the folders "
+                             f"{len(classes)}: write one name a line, in the folders' sorted order")
+    templates = (_lines(folder / "templates.txt") if (folder / "templates.txt").is_file()
+                 else ["a photo of a {}."])
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"{folder / 'templates.txt'}: write one template a line, each with {{}} "
+                         "where the class name goes")
+    print(f"{folder.name}: {len(classes)} classes, {len(train)} train and {len(test)} test "
+          f"images ({split['split']})" + (f", {shots} shots" if shots else ""))
+    split["train_images"] = len(train)  # before the few-shot draw
+    train = train.subset(few_shot(train.labels, shots, seed, folder.name)) if shots else None
+    return Task(folder.name, names, templates, train, test, split)
+
+
+def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
+    """Your own tasks, (tasks, held-out tasks): the task folders `names` of data_dir in that order
+    (default: all but `holdout`, sorted), train sets `shots`-shot (None: none), and the `holdout`
+    ones without. Prints each one's size; a problem raises DataError, one line naming the file and
+    what to do."""
+    data_dir = Path(data_dir).expanduser()
+    found = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and d.name[0] not in "._"
+                   ) if data_dir.is_dir() else []
+    if not found:
+        raise DataError(f"{data_dir} holds no task folder; pass a --data-dir of task folders, each "
+                        "train/<class>/<image> and test/<class>/<image> (docs/own_tasks.md)")
+    if unknown := [n for n in [*(names or ()), *holdout] if n not in found]:
+        raise DataError(f"no task folder {data_dir / unknown[0]}; the task folders there: "
+                        + ", ".join(found))
+    names = names or [n for n in found if n not in holdout]
+    if not names:
+        raise DataError(f"--holdout names every task folder of {data_dir}; leave one to learn")
+
+    def read(name, shots):
+        try:
+            return _folder_task(data_dir / name, shots, seed)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name}: {' '.join(str(e).split())}") from None
+    return [read(n, shots) for n in names], [read(n, None) for n in holdout]
 
 
 def prepare(tasks, resolution, cache_dir=None, workers=0):

@@ -21,7 +21,7 @@ import clip_model
 import data
 import tiny_world
 
-SETTINGS = {**data.BENCHMARKS, "tiny": tiny_world.BENCHMARK}  # datasets and evaluation style
+SETTINGS = {**data.BENCHMARKS, "tiny": tiny_world.BENCHMARK, "folders": data.FOLDERS}
 
 
 # --- metrics (ZSCL and RAIL's). acc[t][j]: top-1 accuracy (%) on dataset j after training task t
@@ -162,9 +162,10 @@ def add_arguments(p):
     """The flags of both scripts, in groups data, model, system; returns the groups by title."""
     groups = {title: p.add_argument_group(title) for title in ("data", "model", "system")}
     group = groups["data"]
-    group.add_argument("--setting", choices=sorted(SETTINGS), default="tiny", help="task "
-                       "sequence: the offline tiny world, MTIL (Table 2) or X-TAIL (Table 1)")
-    group.add_argument("--data-dir", default="data", help="dataset folder (docs/benchmarks.md)")
+    group.add_argument("--setting", choices=sorted(SETTINGS), default="tiny", help="task sequence:"
+                       " the offline tiny world, MTIL (Table 2), X-TAIL (Table 1) or your folders")
+    group.add_argument("--data-dir", default="data", help="folder of the datasets "
+                       "(docs/benchmarks.md) or of your tasks (docs/own_tasks.md)")
     group.add_argument("--datasets", help="comma-separated datasets in order (default: all)")
     group.add_argument("--download", action="store_true", help="let torchvision fetch what it can")
     group.add_argument("--layout", choices=sorted(data.LAYOUTS), help="the datasets' folders and "
@@ -179,8 +180,9 @@ def add_arguments(p):
                        f"{','.join(data.HOLDOUT)}; 'none'; default: tiny "
                        f"{','.join(tiny_world.HOLDOUT)}, others none")
     groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16), weight "
-                                 "file, checkpoint.pt, transformers or open_clip folder, or "
-                                 "hf-hub:<id> (docs/checkpoints.md); the tiny setting has its own")
+                                 "file, checkpoint.pt, transformers or open_clip folder, "
+                                 "hf-hub:<id> (docs/checkpoints.md), or tiny: the shipped 32 px "
+                                 "CLIP (tiny's default)")
     group = groups["system"]
     group.add_argument("--out", help="output folder (default: out/<setting>-<method>)")
     group.add_argument("--overwrite", action="store_true", help="replace the results in --out")
@@ -201,18 +203,18 @@ def check_arguments(p, args):
     """Validate the shared flags right after parsing, and fill in the setting's evaluation."""
     known = SETTINGS[args.setting]["datasets"]
     args.datasets = args.datasets and args.datasets.split(",")
-    if any(d not in known for d in args.datasets or ()):
+    if known and any(d not in known for d in args.datasets or ()):  # folders: when read
         p.error(f"--datasets {','.join(args.datasets)}: --setting {args.setting} has "
                 f"{','.join(known)}")
     if args.datasets and len(set(args.datasets)) < len(args.datasets):
         p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
-    if args.setting == "tiny" and (args.layout or args.prompts):
-        p.error("--layout and --prompts are for mtil and xtail: the tiny world has its own")
+    if args.setting in ("tiny", "folders") and (args.layout or args.prompts):
+        p.error(f"--layout and --prompts are for mtil and xtail, not {args.setting}")
     holdout = {"tiny": tiny_world.HOLDOUT}.get(args.setting, ())
     args.holdout = [] if args.holdout == "none" else (
         args.holdout.split(",") if args.holdout else list(holdout))
     trained = args.datasets or known
-    held = tiny_world.DOMAINS if args.setting == "tiny" else data.HOLDOUT
+    held = {"tiny": tiny_world.DOMAINS, "folders": args.holdout}.get(args.setting, data.HOLDOUT)
     if any(d not in held or d in trained for d in args.holdout):
         p.error(f"--holdout {','.join(args.holdout)}: choose datasets this run never trains among "
                 f"{','.join(held)}")
@@ -236,6 +238,9 @@ def load_setting(args, shots=None):
         if args.setting == "tiny":  # generated in memory
             tasks = tiny_world.tasks(shots, args.seed, args.datasets)
             holdout = tiny_world.tasks(None, args.seed, args.holdout) if args.holdout else []
+        elif args.setting == "folders":  # --holdout: task folders never trained
+            tasks, holdout = data.load_folders(args.data_dir, shots, args.seed, args.datasets,
+                                               args.holdout)
         else:
             def load(shots, names):
                 return data.load_tasks(args.setting, args.data_dir, shots, args.seed, names,
@@ -245,7 +250,7 @@ def load_setting(args, shots=None):
                 holdout = load(None, args.holdout)
             for task in holdout:  # CIFAR100's training arrays: not needed
                 task.train = None
-        if args.setting == "tiny" and args.model in (None, "tiny"):
+        if args.model == "tiny" or (args.setting == "tiny" and args.model is None):
             model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
         else:
             model = clip_model.load(args.model or "ViT-B/16")
@@ -336,7 +341,8 @@ def main():
     print(format_header(names) + "\n" + format_row("accuracy", row + [metrics["last"]["mean"]]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
-    results = {"setting": args.setting, "datasets": names, "acc": [row], "metrics": metrics}
+    results = {"setting": args.setting, "datasets": names, "tasks": [t.describe() for t in tasks],
+               "acc": [row], "metrics": metrics}
     if holdout:  # the zero-shot row of Table 4
         with autocast(device, args.precision):
             held = evaluate(model, holdout, False, device, args.eval_batch_size, args.workers)

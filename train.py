@@ -39,6 +39,7 @@ RECIPES = {
                  lr_full=1e-4, kappa_max=0.0125),
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
+RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 ROUTERS = {"ae": "the domain-wise auto-encoders",
            "oracle": "the oracle (each image to its own domain once learned)"}
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
@@ -128,9 +129,9 @@ pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every t
 # before --resume loads later weights (ViT-B/16: 86M parameters, 344 MB in fp32)
 frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routing == "ae" else None
 eval_batch = evaluation.eval_batch_size(args.eval_batch_size, device)
-results = {"setting": args.setting, "datasets": [t.name for t in tasks],
-           "classes": [len(t.classnames) for t in tasks], "acc": [], "analysis": [], "seconds": [],
-           "setup_seconds": time.time() - began, "args": vars(args),
+results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args": vars(args),
+           "tasks": [t.describe() for t in tasks], "classes": [len(t.classnames) for t in tasks],
+           "acc": [], "analysis": [], "seconds": [], "setup_seconds": time.time() - began,
            "routed": {name: {"acc": [], "routing_accuracy": []} for name in
                       {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
            "holdout": {"datasets": [t.name for t in holdout]}}
@@ -142,6 +143,9 @@ if args.resume:  # the weights and results of the finished tasks
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = [k for k, v in saved["results"]["args"].items()
                    if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
+        if not changed and saved["results"].get("tasks") != results["tasks"]:  # edited folders
+            p.error(f"--resume: the tasks in {args.data_dir} differ from the run in {args.out} "
+                    "(names, classes, prompts or sizes); restore them, or start a new run")
         if not changed:
             model.load_state_dict(saved["model"])
             results.update({k: v for k, v in saved["results"].items() if k != "args"})
