@@ -154,7 +154,7 @@ def ratio(a, b):  # CoDyRA's value over LoRA's, with both
     if a is None or b is None:
         return "-"
     a, b = statistics.mean(a), statistics.mean(b)
-    return f"{a / b:.2f} ({a:.2f} / {b:.2f})"
+    return f"{f'{a / b:.2f}' if b else '-'} ({a:.2f} / {b:.2f})"
 
 
 print(f"\noperating point: the paper (X-TAIL, ViT-B/16) and this comparison ({args.setting}, "
