@@ -162,8 +162,8 @@ print(f"\noperating point: the paper (X-TAIL, ViT-B/16) and this comparison ({ar
 print(f"{'':<44}{'paper':>22}{'here':>22}")
 stats = [("mean ranks kept of 16", f"{PAPER['ranks']}",
           mean_std(per_seed("codyra", task_mean(lambda a: a["ranks"]["mean"])) or [None])),
-         ("per-task ||dW||_F, codyra / lora", ratio([3.22], [7.44]), ratio(
-             *(per_seed(m, task_mean(lambda a: a["update"]["total"])) for m in ("codyra", "lora")))),
+         ("per-task ||dW||_F, codyra / lora", ratio([3.22], [7.44]), ratio(*(
+             per_seed(m, task_mean(lambda a: a["update"]["total"])) for m in ("codyra", "lora")))),
          ("forgetting, codyra / lora", ratio([1.87], [14.86]),
           ratio(*(per_seed(m, lambda r: forgetting(r["acc"])) for m in ("codyra", "lora"))))]
 for method in methods:

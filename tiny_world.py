@@ -1,8 +1,8 @@
 """The tiny world, to run the method offline on a CPU: generated domains (`tasks()`, and a held-out
 one, HOLDOUT) and a small CLIP pretrained on generated scenes (`pretrained()`: the one shipped in
-assets/, which `python tiny_world.py --ship` makes again): 1-4 equal shapes on dark or light, grey or
-tinted, plain or patterned backgrounds, captioned with some of their attributes, never a digit.
-The domains are drawn in other styles, so zero-shot works only partly; `digits` is new."""
+assets/, which `python tiny_world.py --ship` makes again): 1-4 equal shapes on dark or light,
+grey or tinted, plain or patterned backgrounds, captioned with some of their attributes, never a
+digit. The domains are drawn in other styles, so zero-shot works only partly; `digits` is new."""
 import argparse
 import hashlib
 import json
@@ -411,8 +411,8 @@ if __name__ == "__main__":
                                 "assets/tiny_clip.pt is missing or unreadable.")
     p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
-    p.add_argument("--ship", action="store_true", help="write assets/tiny_clip.pt instead, the file "
-                   "every tiny run starts from (seed 0; another CPU gives other weights)")
+    p.add_argument("--ship", action="store_true", help="write assets/tiny_clip.pt instead, the "
+                   "file every tiny run starts from (seed 0; another CPU gives other weights)")
     args = p.parse_args()
     if args.seed < 0 or (args.ship and args.seed):
         p.error(f"--seed {args.seed}: expected >= 0, and 0 with --ship")
