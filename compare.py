@@ -151,7 +151,7 @@ def task_mean(key):  # a per-task analysis value, averaged over the tasks of a r
 
 
 def ratio(a, b):  # CoDyRA's value over LoRA's, with both
-    if a is None or b is None:
+    if a is None or b is None or None in a + b:  # forgetting of a single task
         return "-"
     a, b = statistics.mean(a), statistics.mean(b)
     return f"{f'{a / b:.2f}' if b else '-'} ({a:.2f} / {b:.2f})"
@@ -171,11 +171,11 @@ for method in methods:
         per_seed(method, task_mean(lambda a: 100 * (a["update"].get("relative") or math.nan))))))
 for key, label in (("transfer", "Transfer"), ("last", "Last")):
     for method in methods if "zero_shot" in first else ():
-        zero = first["zero_shot_metrics"][key]["mean"]
-        paper = PAPER[key].get(method)
+        zero, paper = first["zero_shot_metrics"][key]["mean"], PAPER[key].get(method)
+        here = per_seed(method, lambda r: r["metrics"][key]["mean"])
         stats.append((f"{label} minus zero-shot, {method}", "-" if paper is None else
-                      f"{paper:+.1f}", mean_std(per_seed(
-                          method, lambda r: r["metrics"][key]["mean"] - zero), "+")))
+                      f"{paper:+.1f}", "-" if zero is None else  # Transfer of a single task
+                      mean_std([x - zero for x in here], "+")))
 for label, paper, here in stats:
     print(f"{label:<44}{paper:>22}{here:>22}")
 

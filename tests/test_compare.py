@@ -33,3 +33,15 @@ def test_two_methods_print_the_operating_point_and_plot(small_weights, tmp_path)
     assert lines["Last minus zero-shot, codyra"][0] == "+20.7"
     assert lines["per-task ||dW||_F, codyra / lora"][-1] != "-"  # measured here
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_single_task_prints_dashes_for_what_it_lacks(small_weights, tmp_path):
+    """One task has no Transfer and no forgetting: '-' there, the table still ends (was a crash)."""
+    out = compare("--methods", "codyra", "--seeds", "0", "--out", str(tmp_path), "--",
+                  "--model", small_weights, "--datasets", "shapes", "--iterations", "2",
+                  "--batch-size", "4", "--rank", "2", "--workers", "0", "--holdout", "none",
+                  "--routing", "none")
+    assert out.returncode == 0, out.stderr
+    lines = {line[:44].strip(): line[44:].split() for line in out.stdout.splitlines()}
+    assert lines["Transfer minus zero-shot, codyra"] == ["+0.8", "-"]
+    assert lines["forgetting, codyra / lora"][-1] == "-"
