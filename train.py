@@ -40,8 +40,6 @@ RECIPES = {
 }
 # lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
 RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
-ROUTERS = {"ae": "the domain-wise auto-encoders",
-           "oracle": "the oracle (each image to its own domain once learned)"}
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
                  "data_dir", "eval_batch_size", "no_zero_shot"}  # the rest define the run
 
@@ -135,9 +133,7 @@ results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args":
            "routed": {name: {"acc": [], "routing_accuracy": []} for name in
                       {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
            "holdout": {"datasets": [t.name for t in holdout]}}
-# what the routed rows look up, in the checkpoint: per finished task, the (N,) predicted labels on
-# every test set; per auto-encoder (one a task), its weights, threshold and (N,) errors per test set
-state = {"predictions": [], "autoencoders": [], "thresholds": [], "errors": []}
+state = routing.new_state()  # what the routed rows look up, kept in the checkpoint
 if args.resume:  # the weights and results of the finished tasks
     try:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -236,36 +232,8 @@ def train_task(t, task, train_set, earlier_text, times):
     return report, update
 
 
-# --- the second rows: route each test image to a learned domain (routing.py)
-def fit_autoencoder(t, train_set, test_features):
-    """Domain t's auto-encoder on the frozen pretrained features of its few-shot images (one
-    random crop each, as training reads them), kept in `state` with its threshold and its errors
-    on every test set (test_features: the pretrained (N, E) features of each)."""
-    torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's initialisation
-    with autocast:
-        feats, _ = evaluation.image_features(frozen, train_set, device, eval_batch, 0)
-    ae, threshold = routing.fit(feats)
-    state["autoencoders"].append({k: v.cpu() for k, v in ae.state_dict().items()})
-    state["thresholds"].append(threshold)
-    state["errors"].append([routing.errors(ae, f).cpu() for f in test_features])
-
-
-def route_rows(t):
-    """Row t of every routed accuracy matrix and of its routing accuracy: lookups in `state`."""
-    for name, routed in results["routed"].items():
-        row, right = [], []
-        for j, task in enumerate(tasks):
-            route = (routing.oracle_route(j, t, len(task.test)) if name == "oracle" else
-                     routing.ae_route(torch.stack([e[j] for e in state["errors"][:t + 1]]),
-                                      state["thresholds"][:t + 1]))
-            row.append(routing.routed_accuracy([p[j] for p in state["predictions"]],
-                                               torch.tensor(task.test.labels), route, t))
-            right.append(routing.routing_accuracy(route, j, t))
-        routed["acc"].append(row)
-        routed["routing_accuracy"].append(right)
-
-
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
+test_labels = [torch.tensor(s.test.labels) for s in tasks]  # (N,) each, for the routed rows
 test_features = None  # the pretrained features of every test set, for the auto-encoders
 if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
     keep, began = {}, time.time()
@@ -302,8 +270,11 @@ for t in range(len(results["acc"]), len(tasks)):
             with autocast:
                 test_features = [evaluation.image_features(frozen, s.test, device, eval_batch,
                                                            args.workers)[0] for s in tasks]
-        fit_autoencoder(t, train_set, test_features)
-    route_rows(t)
+        torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's init
+        with autocast:  # one random crop of each few-shot image, as training reads them
+            feats = evaluation.image_features(frozen, train_set, device, eval_batch, 0)[0]
+        routing.add_domain(state, feats, test_features)
+    routing.add_rows(results["routed"], state, t, test_labels)
     began = lap(times, "routing", began)
     results["acc"].append(row)
     results["analysis"].append(report)
@@ -348,7 +319,7 @@ print(evaluation.format_table(results["metrics"], results["datasets"],
                               results.get("zero_shot_metrics")))
 for name, routed in results["routed"].items():  # the second rows, under the first
     got = routed["routing_summary"]
-    print(f"routed by {ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
+    print(f"routed by {routing.ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
         "" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
     print("\n".join(evaluation.format_table(routed["metrics"], results["datasets"])
                     .splitlines()[1:]))
