@@ -313,8 +313,9 @@ for name, routed in results["routed"].items():  # the second rows, under the fir
 if holdout:
     print("\nhold-out datasets, never trained (Table 4): accuracy (%), each among its own classes")
     rows = (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
-    print(evaluation.format_table_4(results["holdout"]["datasets"], [
-        (label, results["holdout"][key]) for label, key in rows if key in results["holdout"]]))
+    print(evaluation.format_rows(results["holdout"]["datasets"], [
+        (label, results["holdout"][key]) for label, key in rows if key in results["holdout"]],
+        "hold-out"))
 used = " ".join(f"{r['used_parameters'] / 1e6:.3g}M" for r in results["analysis"])
 print(f"parameters used per task (Table 7; kept ranks x (d_in + d_out + 1)): {used}")
 if args.method != "full":
