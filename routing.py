@@ -106,10 +106,10 @@ def add_domain(state, features, test_features):
 
 def add_rows(routed, state, t, labels):
     """Append row t to each router's ("ae", "oracle") accuracy matrix and routing accuracy in
-    `routed`: lookups in `state`; labels: the (N,) labels of each test set."""
+    `routed`: lookups in `state`; labels: the N labels of each test set."""
     for name, rows in routed.items():
         row, right = [], []
-        for j, y in enumerate(labels):
+        for j, y in enumerate(map(torch.as_tensor, labels)):
             route = (oracle_route(j, t, len(y)) if name == "oracle" else
                      ae_route(torch.stack([e[j] for e in state["errors"][:t + 1]]),
                               state["thresholds"][:t + 1]))

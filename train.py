@@ -233,7 +233,6 @@ def train_task(t, task, train_set, earlier_text, times):
 
 
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
-test_labels = [torch.tensor(s.test.labels) for s in tasks]  # (N,) each, for the routed rows
 test_features = None  # the pretrained features of every test set, for the auto-encoders
 if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
     keep = {}
@@ -266,7 +265,7 @@ for t in range(len(results["acc"]), len(tasks)):
             torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's init
             feats = evaluation.image_features(frozen, train_set, device, eval_batch, 0)[0]
         routing.add_domain(state, feats, test_features)  # feats: one crop of each image
-    routing.add_rows(results["routed"], state, t, test_labels)
+    routing.add_rows(results["routed"], state, t, [s.test.labels for s in tasks])
     began = lap(times, "routing", began)
     results["acc"].append(row)
     results["analysis"].append(report)
