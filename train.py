@@ -233,15 +233,14 @@ def train_task(t, task, train_set, earlier_text, times):
 
 
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
-test_features = None  # the pretrained features of every test set, for the auto-encoders
+keep = {}
 if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
-    keep = {}
     evaluate(results, "zero_shot", tasks, union, keep)
     if holdout:  # Table 4's first row: each held-out dataset among its own classes
         evaluate(results["holdout"], "zero_shot", holdout)
-    if frozen is not None:  # the model is still the pretrained one: no second pass needed
-        test_features = keep["features"]
     print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
+# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
+test_features = keep.get("features") if frozen is not None else None
 for t in range(len(results["acc"]), len(tasks)):
     task, times, began = tasks[t], {}, time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
@@ -259,7 +258,7 @@ for t in range(len(results["acc"]), len(tasks)):
     began = lap(times, "eval", began)
     state["predictions"].append(keep["predictions"])
     if frozen is not None:  # the auto-encoders read the frozen copy's features
-        with autocast:  # test sets: once, unless the zero-shot pass of this process kept them
+        with autocast:
             test_features = test_features or [evaluation.image_features(
                 frozen, s.test, device, eval_batch, args.workers)[0] for s in tasks]
             torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's init
