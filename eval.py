@@ -56,13 +56,17 @@ def format_header(datasets, label=""):
     return f"{label:<10}" + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"
 
 
+def format_rows(datasets, rows, label=""):
+    """A header, then each (name, accuracy per dataset) row with its mean: the paper's Table 4
+    (held-out datasets), eval.py's one row, the accuracy matrix (format_matrix)."""
+    return "\n".join([format_header(datasets, label)] + [
+        format_row(name, row + [sum(row) / len(row)]) for name, row in rows])
+
+
 def format_matrix(acc, datasets, zero_shot=None):
-    """The accuracy matrix so far, one row per finished task (after the zero-shot row, if given),
-    with each row's mean."""
-    named = ([("zero-shot", zero_shot)] if zero_shot else []) + [
-        (datasets[t][:9], row) for t, row in enumerate(acc)]
-    rows = [format_row(name, row + [sum(row) / len(row)]) for name, row in named]
-    return "\n".join([format_header(datasets, "after")] + rows)
+    """The accuracy matrix so far: the zero-shot row if given, then one row per finished task."""
+    named = [("zero-shot", zero_shot)] if zero_shot else []
+    return format_rows(datasets, named + [(d[:9], row) for d, row in zip(datasets, acc)], "after")
 
 
 def format_table(metrics, datasets, zero_shot=None):
@@ -73,12 +77,6 @@ def format_table(metrics, datasets, zero_shot=None):
                if zero_shot and zero_shot[name]["mean"] is not None else "")
             for name in ("transfer", "average", "last")]
     return "\n".join([format_header(datasets)] + rows)
-
-
-def format_table_4(datasets, rows):
-    """The paper's Table 4: (label, accuracy per held-out dataset) rows, with their mean."""
-    return "\n".join([format_header(datasets, "hold-out")] + [
-        format_row(label, row + [sum(row) / len(row)]) for label, row in rows])
 
 
 # --- evaluation
@@ -110,13 +108,11 @@ def eval_batch_size(flag, device):
 
 @torch.no_grad()
 def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None, keep=None):
-    """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix. union=False:
-    task-aware, each image among its own task's classes (MTIL). union=True: task-agnostic, each
-    image among all tasks' classes, its target its label plus the number of classes of the tasks
-    before it (X-TAIL). batch_size None: eval_batch_size's default. times: a dict that gets the
-    seconds spent on the class text features ("eval_text"), if given. keep: a dict that gets,
-    per task, the (N,) predicted labels ("predictions", CPU; union: minus the task's offset, so
-    possibly outside its classes) and the (N, E) image features ("features"), if given."""
+    """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix. union False:
+    each image among its own task's classes (MTIL); True: among all tasks' classes, its target
+    offset by the classes of the tasks before (X-TAIL). times: gets the seconds of the class text
+    features ("eval_text"); keep: gets per task the (N,) predicted labels ("predictions", CPU;
+    union: minus the task's offset) and the (N, E) image features ("features")."""
     batch_size = eval_batch_size(batch_size, device)
     was_training = model.training
     model.eval()
@@ -218,7 +214,7 @@ def check_arguments(p, args):
     if any(d not in held or d in trained for d in args.holdout):
         p.error(f"--holdout {','.join(args.holdout)}: choose datasets this run never trains among "
                 f"{','.join(held)}")
-    cfg = SETTINGS[args.setting]
+    cfg = SETTINGS[args.setting]  # the setting's evaluation, where no flag says otherwise
     args.eval_style = args.eval_style or cfg["eval_style"]
     args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
     if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
@@ -231,9 +227,8 @@ def check_arguments(p, args):
 
 def load_setting(args, shots=None):
     """(tasks, held-out tasks, model) of a run, the tasks preprocessed for that model: the one
-    place where a setting's name becomes data and weights. shots None: no training images; the
-    held-out tasks (--holdout) never have any. Exits with one line when data or weights are
-    missing."""
+    place where a setting's name becomes data and weights. shots None: no training images (the
+    held-out tasks never have any). Exits with one line when data or weights are missing."""
     try:  # the data first: a run without it stops before downloading any weights
         if args.setting == "tiny":  # generated in memory
             tasks = tiny_world.tasks(shots, args.seed, args.datasets)
@@ -245,9 +240,8 @@ def load_setting(args, shots=None):
             def load(shots, names):
                 return data.load_tasks(args.setting, args.data_dir, shots, args.seed, names,
                                        args.download, args.layout, args.prompts)
-            tasks, holdout = load(shots, args.datasets), []
-            if args.holdout:
-                holdout = load(None, args.holdout)
+            tasks = load(shots, args.datasets)
+            holdout = load(None, args.holdout) if args.holdout else []
             for task in holdout:  # CIFAR100's training arrays: not needed
                 task.train = None
         if args.model == "tiny" or (args.setting == "tiny" and args.model is None):
@@ -338,7 +332,7 @@ def main():
         row = evaluate(model.to(device), tasks, args.eval_style == "union", device,
                        args.eval_batch_size, args.workers)
     metrics = compute_metrics([row])
-    print(format_header(names) + "\n" + format_row("accuracy", row + [metrics["last"]["mean"]]))
+    print(format_rows(names, [("accuracy", row)]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
     results = {"setting": args.setting, "datasets": names, "tasks": [t.describe() for t in tasks],
@@ -347,7 +341,7 @@ def main():
         with autocast(device, args.precision):
             held = evaluate(model, holdout, False, device, args.eval_batch_size, args.workers)
         results["holdout"] = {"datasets": [t.name for t in holdout], "acc": held}
-        print(format_table_4(results["holdout"]["datasets"], [("accuracy", held)]))
+        print(format_rows(results["holdout"]["datasets"], [("accuracy", held)], "hold-out"))
     write_json(results_path, {**results, "seconds": time.time() - start, "args": vars(args),
                               "environment": environment(device)})
     print(f"wrote {results_path}")

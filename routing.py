@@ -1,6 +1,7 @@
 """The second CoDyRA rows of Tables 1-2: each test image is routed to a learned domain, and takes
 the prediction of the model right after that domain's task; one not routed takes the current
-model's. Torch only; train.py keeps every task's per-image predictions, so a row is a lookup.
+model's. Torch only; train.py keeps every task's per-image predictions, so a row is a lookup
+in a `state` (new_state) that the checkpoint carries.
 
     route k of image x after task t:  k <= t, or NOT_LEARNED (-1): the model after task t answers
     oracle:  k = the image's own dataset j if j <= t        (gives Last2[j] = A[j][j], SPEC 4)
@@ -15,6 +16,8 @@ import torch.nn as nn
 
 NOT_LEARNED = -1
 AE = dict(hidden_ratio=4, steps=500, lr=1e-3)  # E -> E // 4 -> E, full-batch Adam
+ROUTERS = {"ae": "the domain-wise auto-encoders",  # train.py --routing, as its report names them
+           "oracle": "the oracle (each image to its own domain once learned)"}
 
 
 class AutoEncoder(nn.Module):
@@ -83,3 +86,34 @@ def summary(routing_acc):
     cells = [(t >= j, a) for t, row in enumerate(routing_acc) for j, a in enumerate(row)]
     seen, unseen = [a for s, a in cells if s], [a for s, a in cells if not s]
     return {"seen": sum(seen) / len(seen), "unseen": sum(unseen) / len(unseen) if unseen else None}
+
+
+# --- the bookkeeping of a run (train.py): what the routed rows look up, and the rows
+def new_state():
+    """What the routed rows look up: per finished task, the (N,) predicted labels on every test
+    set; per auto-encoder (one a task), its weights, threshold and (N,) errors per test set."""
+    return {"predictions": [], "autoencoders": [], "thresholds": [], "errors": []}
+
+
+def add_domain(state, features, test_features):
+    """Fit the next domain's auto-encoder on its (N, E) frozen pretrained training features and
+    keep it in `state`, with its threshold and its errors on each test set's (N, E) features."""
+    ae, threshold = fit(features)
+    state["autoencoders"].append({k: v.cpu() for k, v in ae.state_dict().items()})
+    state["thresholds"].append(threshold)
+    state["errors"].append([errors(ae, f).cpu() for f in test_features])
+
+
+def add_rows(routed, state, t, labels):
+    """Append row t to each router's ("ae", "oracle") accuracy matrix and routing accuracy in
+    `routed`: lookups in `state`; labels: the N labels of each test set."""
+    for name, rows in routed.items():
+        row, right = [], []
+        for j, y in enumerate(map(torch.as_tensor, labels)):
+            route = (oracle_route(j, t, len(y)) if name == "oracle" else
+                     ae_route(torch.stack([e[j] for e in state["errors"][:t + 1]]),
+                              state["thresholds"][:t + 1]))
+            row.append(routed_accuracy([p[j] for p in state["predictions"]], y, route, t))
+            right.append(routing_accuracy(route, j, t))
+        rows["acc"].append(row)
+        rows["routing_accuracy"].append(right)

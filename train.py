@@ -7,6 +7,7 @@ Reads top-down: config, data and model, one task, the sequence, the report.
     python train.py --setting xtail --method lora     # Table 1, adapters without rank selection
 """
 import copy
+import itertools
 import math
 import os
 import signal
@@ -28,20 +29,16 @@ RECIPES = {
                  kappa_max=0.005),
     "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
                   kappa_max=0.005),
-    # X-TAIL's rank selection in 200 steps (what keeps `python train.py` near 2 minutes on two
-    # cores): which ranks survive depends on the sum of tau over a task against |g| ~ N(0, 1), and
-    # how far g can escape it on kappa_max / lr (tau per step against Adam's step). X-TAIL sums
-    # to 0.65 (codyra.threshold_schedule over 500 steps, dense 0.5); 200 steps sum to 0.26 at the
-    # same kappa_max, so kappa_max x 2.5 = 0.0125 and lr = kappa_max / 10, X-TAIL's ratio.
-    # Checked by tests/test_train.py; chosen by single-domain pilots (docs/tiny_world.md).
-    # Full fine-tuning: a tenth of pretraining's lr
+    # X-TAIL's rank selection in fewer steps (`python train.py` near 2 minutes on two cores):
+    # which ranks survive depends on the sum of tau over a task against |g| ~ N(0, 1), and how far
+    # g escapes it on kappa_max / lr (tau per step against Adam's step); kappa_max is scaled so
+    # the sum matches X-TAIL's, lr keeps its ratio (tests/test_train.py, docs/tiny_world.md)
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
                  lr_full=1e-4, kappa_max=0.0125),
 }
-# lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale); 5e-4 wrecks CLIP
+# lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale; 5e-4 wrecks CLIP);
+# tiny's: a tenth of its pretraining lr
 RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
-ROUTERS = {"ae": "the domain-wise auto-encoders",
-           "oracle": "the oracle (each image to its own domain once learned)"}
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
                  "data_dir", "eval_batch_size", "no_zero_shot"}  # the rest define the run
 
@@ -87,11 +84,10 @@ group.add_argument("--plot", action="store_true", help="write figures into --out
 args = p.parse_args()
 args.out = args.out or os.path.join("out", f"{args.setting}-{args.method}")
 evaluation.check_arguments(p, args)
-recipe = dict(RECIPES[args.setting])
-recipe["lr"] = recipe["lr_full" if args.method == "full" else "lr"]
+recipe = RECIPES[args.setting]  # where no flag is given; --method full: its lr_full
 for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max"):
     if getattr(args, key) is None:
-        setattr(args, key, recipe[key])
+        setattr(args, key, recipe["lr_full" if (key, args.method) == ("lr", "full") else key])
 if min(args.shots, args.rank, args.iterations, args.batch_size) < 1:
     p.error("--shots, --rank, --iterations and --batch-size must be >= 1")
 if not (0 <= args.dense_ratio <= 1 and 0 <= args.kappa_max < math.inf
@@ -129,15 +125,14 @@ pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every t
 # before --resume loads later weights (ViT-B/16: 86M parameters, 344 MB in fp32)
 frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routing == "ae" else None
 eval_batch = evaluation.eval_batch_size(args.eval_batch_size, device)
+union = args.eval_style == "union"  # X-TAIL: each image among all datasets' classes
 results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args": vars(args),
            "tasks": [t.describe() for t in tasks], "classes": [len(t.classnames) for t in tasks],
            "acc": [], "analysis": [], "seconds": [], "setup_seconds": time.time() - began,
            "routed": {name: {"acc": [], "routing_accuracy": []} for name in
                       {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
            "holdout": {"datasets": [t.name for t in holdout]}}
-# what the routed rows look up, in the checkpoint: per finished task, the (N,) predicted labels on
-# every test set; per auto-encoder (one a task), its weights, threshold and (N,) errors per test set
-state = {"predictions": [], "autoencoders": [], "thresholds": [], "errors": []}
+state = routing.new_state()  # what the routed rows look up, kept in the checkpoint
 if args.resume:  # the weights and results of the finished tasks
     try:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -175,12 +170,13 @@ def lap(times, phase, began):
     return time.time()
 
 
-def batches(images, seed):
-    """Endless shuffled batches, in an order that depends on (seed, task) alone."""
-    loader = images.batches(args.batch_size, args.workers, device.type == "cuda",
-                            shuffle=torch.Generator().manual_seed(seed))
-    while True:
-        yield from loader
+def evaluate(into, key, sets, union=False, keep=None):
+    """into[key]: one row (eval.evaluate) of the current model on `sets`, its seconds beside."""
+    began = time.time()
+    with autocast:
+        into[key] = evaluation.evaluate(model, sets, union, device, eval_batch, args.workers,
+                                        keep=keep)
+    into[key + "_seconds"] = time.time() - began
 
 
 def train_task(t, task, train_set, earlier_text, times):
@@ -194,15 +190,15 @@ def train_task(t, task, train_set, earlier_text, times):
     else:
         codyra.inject(model, args.rank, where=placement)
     start = analysis.snapshot(model, placement)  # which ranks survive depends on |g| at init
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.9999), eps=1e-8,
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,
+                                  betas=(0.9, 0.9999), eps=1e-8, weight_decay=args.weight_decay)
     cosine = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / args.iterations)))
     # the current classes' prompts go through the text encoder WITH gradients: its adapters learn
-    prompts = [task.templates[0].format(c) for c in task.classnames]
-    tokens = clip_model.tokenize(prompts).to(device)
-    stream = batches(train_set, args.seed + 1000 * t)
+    tokens = clip_model.tokenize([task.templates[0].format(c) for c in task.classnames]).to(device)
+    shuffle = torch.Generator().manual_seed(args.seed + 1000 * t)  # the order: (seed, task) alone
+    stream = itertools.chain.from_iterable(itertools.repeat(  # endless shuffled batches
+        train_set.batches(args.batch_size, args.workers, device.type == "cuda", shuffle=shuffle)))
     model.train()
     began, tau = time.time(), 0.0
     for it in range(args.iterations):
@@ -236,51 +232,15 @@ def train_task(t, task, train_set, earlier_text, times):
     return report, update
 
 
-# --- the second rows: route each test image to a learned domain (routing.py)
-def fit_autoencoder(t, train_set, test_features):
-    """Domain t's auto-encoder on the frozen pretrained features of its few-shot images (one
-    random crop each, as training reads them), kept in `state` with its threshold and its errors
-    on every test set (test_features: the pretrained (N, E) features of each)."""
-    torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's initialisation
-    with autocast:
-        feats, _ = evaluation.image_features(frozen, train_set, device, eval_batch, 0)
-    ae, threshold = routing.fit(feats)
-    state["autoencoders"].append({k: v.cpu() for k, v in ae.state_dict().items()})
-    state["thresholds"].append(threshold)
-    state["errors"].append([routing.errors(ae, f).cpu() for f in test_features])
-
-
-def route_rows(t):
-    """Row t of every routed accuracy matrix and of its routing accuracy: lookups in `state`."""
-    for name, routed in results["routed"].items():
-        row, right = [], []
-        for j, task in enumerate(tasks):
-            route = (routing.oracle_route(j, t, len(task.test)) if name == "oracle" else
-                     routing.ae_route(torch.stack([e[j] for e in state["errors"][:t + 1]]),
-                                      state["thresholds"][:t + 1]))
-            row.append(routing.routed_accuracy([p[j] for p in state["predictions"]],
-                                               torch.tensor(task.test.labels), route, t))
-            right.append(routing.routing_accuracy(route, j, t))
-        routed["acc"].append(row)
-        routed["routing_accuracy"].append(right)
-
-
 # --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
-test_features = None  # the pretrained features of every test set, for the auto-encoders
+keep = {}
 if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
-    keep, began = {}, time.time()
-    with autocast:
-        results["zero_shot"] = evaluation.evaluate(model, tasks, args.eval_style == "union",
-                                                   device, args.eval_batch_size, args.workers,
-                                                   keep=keep)
-        results["zero_shot_seconds"], began = time.time() - began, time.time()
-        if holdout:  # Table 4's first row: each held-out dataset among its own classes
-            results["holdout"]["zero_shot"] = evaluation.evaluate(
-                model, holdout, False, device, args.eval_batch_size, args.workers)
-            results["holdout"]["zero_shot_seconds"] = time.time() - began
-    if frozen is not None:  # the model is still the pretrained one: no second pass needed
-        test_features = keep["features"]
+    evaluate(results, "zero_shot", tasks, union, keep)
+    if holdout:  # Table 4's first row: each held-out dataset among its own classes
+        evaluate(results["holdout"], "zero_shot", holdout)
     print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
+# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
+test_features = keep.get("features") if frozen is not None else None
 for t in range(len(results["acc"]), len(tasks)):
     task, times, began = tasks[t], {}, time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
@@ -293,17 +253,18 @@ for t in range(len(results["acc"]), len(tasks)):
     began = lap(times, "train", began)
     keep = {}
     with autocast:
-        row = evaluation.evaluate(model, tasks, args.eval_style == "union", device,
-                                  args.eval_batch_size, args.workers, times, keep)
+        row = evaluation.evaluate(model, tasks, union, device, eval_batch, args.workers, times,
+                                  keep)
     began = lap(times, "eval", began)
     state["predictions"].append(keep["predictions"])
-    if frozen is not None:
-        if test_features is None:  # no zero-shot pass in this process: the frozen copy's, once
-            with autocast:
-                test_features = [evaluation.image_features(frozen, s.test, device, eval_batch,
-                                                           args.workers)[0] for s in tasks]
-        fit_autoencoder(t, train_set, test_features)
-    route_rows(t)
+    if frozen is not None:  # the auto-encoders read the frozen copy's features
+        with autocast:
+            test_features = test_features or [evaluation.image_features(
+                frozen, s.test, device, eval_batch, args.workers)[0] for s in tasks]
+            torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's init
+            feats = evaluation.image_features(frozen, train_set, device, eval_batch, 0)[0]
+        routing.add_domain(state, feats, test_features)  # feats: one crop of each image
+    routing.add_rows(results["routed"], state, t, [s.test.labels for s in tasks])
     began = lap(times, "routing", began)
     results["acc"].append(row)
     results["analysis"].append(report)
@@ -331,11 +292,7 @@ for t in range(len(results["acc"]), len(tasks)):
 
 # --- report
 if holdout and "last" not in results["holdout"]:  # Table 4: after the whole sequence
-    began = time.time()
-    with autocast:
-        results["holdout"]["last"] = evaluation.evaluate(model, holdout, False, device,
-                                                         args.eval_batch_size, args.workers)
-    results["holdout"]["last_seconds"] = time.time() - began
+    evaluate(results["holdout"], "last", holdout)
 results["metrics"] = evaluation.compute_metrics(results["acc"])
 if "zero_shot" in results:  # the paper's zero-shot row: the pretrained model as every row
     results["zero_shot_metrics"] = evaluation.compute_metrics([results["zero_shot"]])
@@ -348,15 +305,15 @@ print(evaluation.format_table(results["metrics"], results["datasets"],
                               results.get("zero_shot_metrics")))
 for name, routed in results["routed"].items():  # the second rows, under the first
     got = routed["routing_summary"]
-    print(f"routed by {ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
+    print(f"routed by {routing.ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
         "" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
-    print("\n".join(evaluation.format_table(routed["metrics"], results["datasets"])
-                    .splitlines()[1:]))
+    print(evaluation.format_table(routed["metrics"], results["datasets"]).split("\n", 1)[1])
 if holdout:
     print("\nhold-out datasets, never trained (Table 4): accuracy (%), each among its own classes")
     rows = (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
-    print(evaluation.format_table_4(results["holdout"]["datasets"], [
-        (label, results["holdout"][key]) for label, key in rows if key in results["holdout"]]))
+    print(evaluation.format_rows(results["holdout"]["datasets"], [
+        (label, results["holdout"][key]) for label, key in rows if key in results["holdout"]],
+        "hold-out"))
 used = " ".join(f"{r['used_parameters'] / 1e6:.3g}M" for r in results["analysis"])
 print(f"parameters used per task (Table 7; kept ranks x (d_in + d_out + 1)): {used}")
 if args.method != "full":
