@@ -17,13 +17,9 @@ import statistics
 import subprocess
 import sys
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as train.py's
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-p = Parser(description="Run train.py for several methods and seeds, and print "
+p = argparse.ArgumentParser(description="Run train.py for several methods and seeds, and print "
                                         "the mean and standard deviation of every metric.")
+p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line
 p.add_argument("--setting", default="tiny", help="setting passed to train.py")
 p.add_argument("--data-dir", default="data", help="dataset folder passed to train.py")
 p.add_argument("--methods", default="codyra,lora,full", help="comma-separated train.py methods")
@@ -160,12 +156,17 @@ def ratio(a, b):  # CoDyRA's value over LoRA's, with both
 print(f"\noperating point: the paper (X-TAIL, ViT-B/16) and this comparison ({args.setting}, "
       f"seeds {args.seeds})")
 print(f"{'':<44}{'paper':>22}{'here':>22}")
+def codyra_over_lora(key, fn):  # (the paper's ratio of PAPER[key], this comparison's of fn)
+    return (ratio([PAPER[key]["codyra"]], [PAPER[key]["lora"]]),
+            ratio(*(per_seed(m, fn) for m in ("codyra", "lora"))))
+
+
 stats = [("mean ranks kept of 16", f"{PAPER['ranks']}",
           mean_std(per_seed("codyra", task_mean(lambda a: a["ranks"]["mean"])) or [None])),
-         ("per-task ||dW||_F, codyra / lora", ratio([3.22], [7.44]), ratio(*(
-             per_seed(m, task_mean(lambda a: a["update"]["total"])) for m in ("codyra", "lora")))),
-         ("forgetting, codyra / lora", ratio([1.87], [14.86]),
-          ratio(*(per_seed(m, lambda r: forgetting(r["acc"])) for m in ("codyra", "lora"))))]
+         ("per-task ||dW||_F, codyra / lora",
+          *codyra_over_lora("update", task_mean(lambda a: a["update"]["total"]))),
+         ("forgetting, codyra / lora",
+          *codyra_over_lora("forgetting", lambda r: forgetting(r["acc"])))]
 for method in methods:
     stats.append((f"per-task ||dW||_F / ||W_pre||_F (%), {method}", "-", mean_std(
         per_seed(method, task_mean(lambda a: 100 * (a["update"].get("relative") or math.nan))))))
