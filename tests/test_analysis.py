@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import torch.nn as nn
 import analysis
 import clip_model
 import codyra
+from conftest import run_script
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -180,8 +180,7 @@ def test_tiny_run_with_plot_writes_figures_and_analysis(small_weights, tmp_path)
     argv = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank", "2",
             "--workers", "0", "--eval-batch-size", "64", "--model", small_weights,
             "--out", str(tmp_path), "--plot"]
-    out = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE,
-                         capture_output=True, text=True, timeout=600)
+    out = run_script("train.py", *argv)
     assert out.returncode == 0, out.stderr
     for name in ("accuracy.png", "ranks.png", "drift.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -213,9 +212,7 @@ def test_compare_two_checkpoints(small_weights, tmp_path):
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     sd[key] = W + 0.5 * torch.outer(U[:, 0], Vh[0])  # along W's top direction: factor 0.5 / S[0]
     torch.save(sd, tmp_path / "b.pt")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "analysis.py"), small_weights,
-                          str(tmp_path / "b.pt")], cwd=HERE, capture_output=True, text=True,
-                         timeout=300)
+    out = run_script("analysis.py", small_weights, str(tmp_path / "b.pt"))
     assert out.returncode == 0, out.stderr
     assert "0.5" in out.stdout and f"{0.5 / S[0].item():.3g}" in out.stdout
 

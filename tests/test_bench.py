@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import data
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ["test-image cache build", "set-up: indexing 11 datasets", "set-up: weights",
@@ -42,9 +43,8 @@ def test_mtil_dry_run_times_every_phase(tmp_path):
 def test_a_scale_outside_0_1_is_one_error_line(scale, tmp_path):
     """--scale nan or 0 stops the dry run with one `error:` line naming --scale, before writing
     anything."""
-    out = subprocess.run([sys.executable, "bench.py", "--sequence", "mtil", "--scale", scale,
-                          "--device", "cpu", "--root", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = run_script("bench.py", "--sequence", "mtil", "--scale", scale, "--device", "cpu",
+                     "--root", str(tmp_path))
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(errors) == 1 and "--scale must lie in (0, 1]" in errors[0], out.stderr

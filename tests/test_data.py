@@ -17,7 +17,7 @@ import torch
 
 import data
 import dryrun
-from conftest import ROOT
+from conftest import run_script
 
 # the first three classes of every dataset: (folder or raw name on disk, name in a CoOp split file)
 FAKE_CLASSES = {
@@ -415,10 +415,9 @@ def test_a_size_unlike_the_known_one_warns_once_and_the_run_goes_on(xtail_root, 
                                                                      tmp_path):
     """eval.py on datasets of other sizes than the real ones prints one warning line per dataset,
     naming it with both sizes, and evaluates every dataset all the same."""
-    out = subprocess.run([sys.executable, "eval.py", "--setting", "xtail", "--data-dir",
-                          str(xtail_root), "--datasets", "eurosat,mnist", "--prompts", "photo",
-                          "--model", small_weights, "--workers", "0", "--cache-dir", "none",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    out = run_script("eval.py", "--setting", "xtail", "--data-dir", str(xtail_root), "--datasets",
+                     "eurosat,mnist", "--prompts", "photo", "--model", small_weights,
+                     "--workers", "0", "--cache-dir", "none", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     warnings = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
     assert warnings == [

@@ -16,6 +16,7 @@ import clip_model
 import data
 import eval as evaluation
 import tiny_world
+from conftest import run_script
 from test_data import write_fake_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,9 +24,7 @@ FAST = ["--setting", "tiny", "--iterations", "2", "--batch-size", "4", "--rank",
         "--workers", "0", "--eval-batch-size", "64", "--datasets", "shapes,digits"]
 
 
-def run(script, *argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+run = run_script
 
 
 def one_line_error(out, *words):
@@ -171,8 +170,7 @@ def test_tiny_world_script_refuses_what_it_does_not_know():
     exit 2, nothing pretrained and the shipped weights untouched."""
     before = os.stat(tiny_world.SHIPPED).st_mtime_ns
     for argv in (["--seed", "x"], ["--bogus"], ["--ship", "--seed", "1"]):
-        out = subprocess.run([sys.executable, "tiny_world.py", *argv], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+        out = run("tiny_world.py", *argv)
         assert out.returncode == 2 and out.stderr.startswith("error:"), argv
         assert out.stderr.count("\n") == 1 and not out.stdout, argv
     assert os.stat(tiny_world.SHIPPED).st_mtime_ns == before
@@ -268,9 +266,8 @@ def test_a_nan_loss_stops_with_one_line(small_weights, tmp_path):
 
 def test_quick_start_then_mtil_without_data(tmp_path):
     """After the quick start, the next command without data names the missing data first."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--setting", "mtil",
-                          "--shots", "5", "--data-dir", str(tmp_path / "data")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    out = run_script("train.py", "--setting", "mtil", "--shots", "5", "--data-dir",
+                     str(tmp_path / "data"), cwd=tmp_path)
     one_line_error(out, "aircraft", "expected", "--download")
     assert not (tmp_path / "out").exists()
     np.testing.assert_equal(os.listdir(tmp_path), [])

@@ -2,18 +2,16 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data
+from conftest import run_script
 from test_faults import one_line_error
 from test_train import kill_after_first_task, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the shipped tiny CLIP, a few steps: these tests check the machinery, not accuracy
 FAST = ["--setting", "folders", "--model", "tiny", "--iterations", "4", "--batch-size", "4",
         "--shots", "2", "--rank", "2", "--routing", "oracle", "--workers", "0"]
@@ -84,10 +82,9 @@ def test_eval_py_gives_the_zero_shot_row_in_the_asked_order(whole, tmp_path):
     """eval.py --setting folders --datasets gamma,alpha evaluates those two in that order and
     gives train.py's zero-shot accuracies for them."""
     root, out, _ = whole
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *FAST[:4],
-                           "--datasets", "gamma,alpha", "--data-dir", str(root), "--workers", "0",
-                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_script("eval.py", *FAST[:4], "--datasets", "gamma,alpha", "--data-dir", str(root),
+                      "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+                      "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     row = json.loads((tmp_path / "out" / "results.json").read_text())
     zero_shot = json.loads((out / "results.json").read_text())["zero_shot"]

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import codyra
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny random CLIP stands in for the pretrained one: these tests check the machinery, not accuracy
@@ -16,9 +17,8 @@ FAST = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank",
         "--workers", "0", "--eval-batch-size", "64"]
 
 
-def run(*argv, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, **kw)
+def run(*argv):
+    return run_script("train.py", *argv)
 
 
 def kill_after_first_task(*argv, out):
@@ -93,9 +93,8 @@ def test_resume_after_kill_gives_the_same_matrix(small_weights, tmp_path):
 
 def test_eval_script_writes_one_row(small_weights, tmp_path):
     """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--setting", "tiny",
-                          "--model", small_weights, "--workers", "0", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_script("eval.py", "--setting", "tiny", "--model", small_weights, "--workers", "0",
+                     "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["acc"]) == 1 and len(res["acc"][0]) == len(res["datasets"]) >= 5
@@ -108,9 +107,7 @@ def test_zero_shot_row_comes_first_and_equals_eval_py(small_weights, tmp_path):
             "--workers", "0"]
     trained = run(*FAST[2:], *argv, "--out", str(tmp_path / "train"))
     assert trained.returncode == 0, trained.stderr
-    evaluated = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv,
-                                "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True,
-                               text=True, timeout=600)
+    evaluated = run_script("eval.py", *argv, "--out", str(tmp_path / "eval"))
     assert evaluated.returncode == 0, evaluated.stderr
     res = json.loads((tmp_path / "train" / "results.json").read_text())
     row = json.loads((tmp_path / "eval" / "results.json").read_text())["acc"][0]
