@@ -28,15 +28,6 @@ BPE_PATH = os.path.abspath(os.path.join(__file__, "..", "assets", "bpe_simple_vo
 
 
 # --- tokenizer: byte-level BPE, identical ids to OpenAI's (SPEC section 2)
-def bytes_to_unicode():
-    """GPT-2's reversible map from bytes to printable characters (the BPE never sees whitespace or
-    control characters); its order, printable bytes first, fixes the first 512 vocabulary ids."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # "!".."~" "¡".."¬" "®".."ÿ"
-    others = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    return dict(zip(printable + others, chars))
-
-
 class Tokenizer:
     """Text -> BPE ids: clean, split into words, map bytes to characters, merge pairs by rank."""
     SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -44,11 +35,15 @@ class Tokenizer:
     def __init__(self, bpe_path=BPE_PATH):
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:  # its line 0 is a header
             merges = [tuple(ln.split()) for ln in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
-        chars = list(bytes_to_unicode().values())
+        # GPT-2's reversible map of bytes to characters: printable ones ("!".."~" "¡".."¬" "®".."ÿ")
+        # as they are, first (that fixes the first 512 ids), so the BPE never sees whitespace
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        others = [b for b in range(256) if b not in printable]
+        chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+        self.byte_encoder = dict(zip(printable + others, chars))
         vocab = [*chars, *(c + "</w>" for c in chars), *map("".join, merges), self.SOT, self.EOT]
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {pair: i for i, pair in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
         self.sot, self.eot = self.encoder[self.SOT], self.encoder[self.EOT]
         self.cache = {self.SOT: [self.sot], self.EOT: [self.eot]}  # word -> ids; words repeat
         # words, each digit alone, runs of punctuation; the special tokens stay whole
@@ -63,11 +58,9 @@ class Tokenizer:
                 best = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, float("inf")))
                 if best not in self.ranks:
                     break
-                i = 0
-                while i < len(parts) - 1:  # every occurrence of `best`, left to right, no overlap
-                    if (parts[i], parts[i + 1]) == best:
-                        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-                    i += 1
+                # every occurrence of `best`, left to right, no overlap (no part holds a space)
+                pair = rf"(?<!\S){regex.escape(best[0])} {regex.escape(best[1])}(?!\S)"
+                parts = regex.sub(pair, lambda _: "".join(best), " ".join(parts)).split(" ")
             self.cache[word] = [self.encoder[p] for p in parts]
         return self.cache[word]
 
@@ -144,13 +137,10 @@ class Attention(nn.Module):
         return self.out_proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
-def quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
 # NOTE: the weights do not say which one they were trained with: open_clip's own ViT-B/16
 # (LAION-2B, DataComp) has exactly OpenAI's keys but GELU; the wrong one loads and runs silently
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # OpenAI's, and exact (erf) GELU
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI's
+               "gelu": F.gelu}  # exact (erf) GELU
 
 
 class MLP(nn.Module):
@@ -228,13 +218,12 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
         for tower in (self.transformer, self.visual.transformer):
-            for block in tower.resblocks:
+            for block in tower.resblocks:  # its linears: q, k, v, out, c_fc, c_proj
                 width = block.ln_1.weight.shape[0]
                 proj_std = width ** -0.5 * (2 * len(tower.resblocks)) ** -0.5
-                attn, mlp = block.attn, block.mlp
-                for linear, std in [(attn.q_proj, width ** -0.5), (attn.k_proj, width ** -0.5),
-                                    (attn.v_proj, width ** -0.5), (attn.out_proj, proj_std),
-                                    (mlp.c_fc, (2 * width) ** -0.5), (mlp.c_proj, proj_std)]:
+                linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+                stds = [width ** -0.5] * 3 + [proj_std, (2 * width) ** -0.5, proj_std]
+                for linear, std in zip(linears, stds):
                     nn.init.normal_(linear.weight, std=std)
                     nn.init.zeros_(linear.bias)
 
@@ -290,29 +279,20 @@ class CLIPLoadError(Exception):
     """Weights could not be loaded; the message is one line that says what to do."""
 
 
-def unpacked(sd):
-    """OpenAI's (and open_clip's) keys -> ours: their attention packs rows [q; k; v] in one."""
-    sd = dict(sd)
-    for key in [k for k in sd if ".attn.in_proj_" in k]:
-        prefix, kind = key.split(".in_proj_")
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd.pop(key).chunk(3)):
-            sd[f"{prefix}.{name}.{kind}"] = part
-    return sd
-
-
-def packed(sd):
-    """Ours -> OpenAI's keys, the inverse of unpacked."""
-    sd = dict(sd)
-    for key in [k for k in sd if ".attn.q_proj." in k]:
-        prefix, kind = key.split(".q_proj.")
-        sd[f"{prefix}.in_proj_{kind}"] = torch.cat([sd.pop(f"{prefix}.{n}_proj.{kind}")
-                                                    for n in "qkv"])
+def unpacked(sd, pack=False):
+    """OpenAI's (and open_clip's) keys, [q; k; v] packed in one in_proj, -> ours; pack: inverse."""
+    sd, sep = dict(sd), ".attn.q_proj." if pack else ".attn.in_proj_"
+    for prefix, kind in [k.split(sep) for k in sd if sep in k]:
+        qkv = [f"{prefix}.attn.{n}_proj.{kind}" for n in "qkv"]
+        if pack:
+            sd[f"{prefix}.attn.in_proj_{kind}"] = torch.cat([sd.pop(k) for k in qkv])
+        else:
+            sd.update(zip(qkv, sd.pop(f"{prefix}{sep}{kind}").chunk(3)))
     return sd
 
 
 def shapes(sd):
-    """CLIP's arguments read off a state dict in our keys (heads: width / 64); GELU if it holds
-    `uses_gelu`, else QuickGELU."""
+    """CLIP's arguments read off a state dict in our keys (GELU if it holds `uses_gelu`)."""
     def blocks(prefix):  # how many residual blocks sd has under prefix
         return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
     width, _, patch, _ = sd["visual.conv1.weight"].shape
@@ -335,9 +315,8 @@ def build_model(state_dict):
         model = CLIP(**shapes(sd))
         model.load_state_dict(sd)
     except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a size mismatch
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        detail = f"missing key {e}" if isinstance(e, KeyError) else next(
-            (ln for ln in lines if "size mismatch" in ln or "key(s)" in ln), lines[0])
+        detail = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        detail = detail.replace("Error(s) in loading state_dict for CLIP: ", "") or type(e).__name__
         raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass an unmodified "
                             f"OpenAI CLIP ViT checkpoint ({', '.join(MODELS)}; ResNets are not "
                             "supported) or one saved by this project") from None
@@ -359,11 +338,8 @@ def atomic(path):
 def _download(url, root):
     """The file of `url` in `root`, downloaded unless there already with the sha256 it names."""
     def sha256(path):
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()
     expected, path = url.split("/")[-2], os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256(path) == expected:
         return path
@@ -420,18 +396,6 @@ HF_KEYS = [  # (ours, transformers') prefixes of a name, read both ways; {i}: a 
       for a, b in (("attn", "self_attn"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
                    ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))]]
 HF_TRANSPOSED = ("visual.proj", "text_projection")  # ours (D, E); an nn.Linear's weight (E, D)
-CONFIGS_OF = {  # each tower's config entries <- shapes' names; heads are 64 wide in both
-    "hf": {"text_config": dict(hidden_size="transformer_width", vocab_size="vocab_size",
-                               num_hidden_layers="transformer_layers",
-                               max_position_embeddings="context_length"),
-           "vision_config": dict(hidden_size="vision_width", num_hidden_layers="vision_layers",
-                                 image_size="image_resolution", patch_size="vision_patch_size")},
-    "open_clip": {"text_cfg": dict(width="transformer_width", heads="transformer_heads",
-                                   layers="transformer_layers", context_length="context_length",
-                                   vocab_size="vocab_size"),
-                  "vision_cfg": dict(width="vision_width", layers="vision_layers",
-                                     image_size="image_resolution",
-                                     patch_size="vision_patch_size")}}
 FILES = {"hf": ("config.json", "model.safetensors", "pytorch_model.bin"),  # config, weights
          "open_clip": ("open_clip_config.json", "open_clip_model.safetensors",
                        "open_clip_pytorch_model.bin")}
@@ -463,10 +427,9 @@ def read_folder(folder):
             heads = [t["hidden_size"] / t["num_attention_heads"] for t in towers]
             activation = "/".join(sorted({t.get("hidden_act", "quick_gelu") for t in towers}))
         else:  # open_clip's: GELU, 64-wide heads, 8 text heads of 512
-            cfg = cfg["model_cfg"]
-            text, vision = cfg["text_cfg"], cfg["vision_cfg"]
+            text, vision = cfg["model_cfg"]["text_cfg"], cfg["model_cfg"]["vision_cfg"]
             heads = [text.get("width", 512) / text.get("heads", 8), vision.get("head_width", 64)]
-            activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
+            activation = "quick_gelu" if cfg["model_cfg"].get("quick_gelu") else "gelu"
     except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable JSON, a missing entry
         raise CLIPLoadError(f"{config} is unreadable ({type(e).__name__} {e}); pass a folder "
                             "saved by transformers or open_clip") from None
@@ -536,21 +499,31 @@ def export(model, folder, format):
     if any("lora_" in k for k in sd):
         raise ValueError("the model still has adapters: merge them first (codyra.merge)")
     c = shapes(sd)
-    towers = {tower: {k: c[v] for k, v in names.items()}
-              for tower, names in CONFIGS_OF[format].items()}
     sd.pop("uses_gelu", None)
     if format == "hf":
-        for tower in towers.values():
-            tower.update(num_attention_heads=tower["hidden_size"] // 64, hidden_act=c["activation"],
-                         intermediate_size=4 * tower["hidden_size"], projection_dim=c["embed_dim"])
+        def tower(width, layers, **more):  # heads 64 wide, as OpenAI's
+            return dict(hidden_size=width, num_hidden_layers=layers, **more,
+                        num_attention_heads=width // 64, hidden_act=c["activation"],
+                        intermediate_size=4 * width, projection_dim=c["embed_dim"])
         config = {"architectures": ["CLIPModel"], "model_type": "clip",
-                  "projection_dim": c["embed_dim"], **towers}
+                  "projection_dim": c["embed_dim"],
+                  "text_config": tower(c["transformer_width"], c["transformer_layers"],
+                                       vocab_size=c["vocab_size"],
+                                       max_position_embeddings=c["context_length"]),
+                  "vision_config": tower(c["vision_width"], c["vision_layers"],
+                                         image_size=c["image_resolution"],
+                                         patch_size=c["vision_patch_size"])}
         sd = {rename(k, HF_KEYS): v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
     else:
-        config = {"model_cfg": {"embed_dim": c["embed_dim"], **towers,
+        text = dict(width=c["transformer_width"], heads=c["transformer_heads"],
+                    layers=c["transformer_layers"], context_length=c["context_length"],
+                    vocab_size=c["vocab_size"])
+        vision = dict(width=c["vision_width"], layers=c["vision_layers"],
+                      image_size=c["image_resolution"], patch_size=c["vision_patch_size"])
+        config = {"model_cfg": {"embed_dim": c["embed_dim"], "text_cfg": text, "vision_cfg": vision,
                                 "quick_gelu": c["activation"] == "quick_gelu"},
                   "preprocess_cfg": {"mean": MEAN, "std": STD}}
-        sd = packed(sd)
+        sd = unpacked(sd, pack=True)
     os.makedirs(folder, exist_ok=True)
     config_file, stale, weights = (os.path.join(folder, name) for name in FILES[format])
     with atomic(config_file) as tmp, open(tmp, "w") as f:

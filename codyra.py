@@ -81,9 +81,8 @@ def inject(model, rank, where=None):
     for (name, linear), parent in zip(targets, parents):
         setattr(parent, name.rpartition(".")[2], CoDyRALinear(linear, rank))
     model.requires_grad_(False)
-    for _, m in adapters(model):
-        for p in (m.lora_A, m.lora_B, m.lora_g):
-            p.requires_grad_(True)
+    for p in [p for _, m in adapters(model) for p in (m.lora_A, m.lora_B, m.lora_g)]:
+        p.requires_grad_(True)
     return model
 
 
@@ -180,9 +179,8 @@ def merge(model):
     Returns the model, changed in place."""
     if isinstance(model, CoDyRALinear):
         raise TypeError("merge needs the module holding the CoDyRALinear, to put the Linear back")
-    update = factors(model)
-    for name, m in adapters(model):
-        m.base.weight += update[name][0] @ update[name][1]  # (d_out, k) @ (k, d_in)
+    for (name, m), (B, A) in zip(adapters(model), factors(model).values()):
+        m.base.weight += B @ A  # (d_out, k) @ (k, d_in)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, m.base)
     return model

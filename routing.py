@@ -20,18 +20,6 @@ ROUTERS = {"ae": "the domain-wise auto-encoders",  # train.py --routing, as its 
            "oracle": "the oracle (each image to its own domain once learned)"}
 
 
-class AutoEncoder(nn.Module):
-    """(N, E) normalised image features -> their reconstruction, through E // hidden_ratio units."""
-
-    def __init__(self, dim, hidden_ratio=AE["hidden_ratio"]):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim // hidden_ratio), nn.ReLU(),
-                                 nn.Linear(dim // hidden_ratio, dim))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @torch.no_grad()
 def errors(ae, features):
     """(N,) squared reconstruction error of every row of (N, E) features."""
@@ -42,7 +30,8 @@ def fit(features, steps=AE["steps"], lr=AE["lr"]):
     """An auto-encoder of one domain's (N, E) training features, and its threshold: the largest
     error among those very features, so that every training image of the domain is accepted (no
     free parameter; held-out images of the domain may score above it). Seed the RNG first."""
-    ae = AutoEncoder(features.shape[1]).to(features.device)
+    e, h = features.shape[1], features.shape[1] // AE["hidden_ratio"]  # E -> E // 4 -> E
+    ae = nn.Sequential(nn.Linear(e, h), nn.ReLU(), nn.Linear(h, e)).to(features.device)
     optimizer = torch.optim.Adam(ae.parameters(), lr=lr)
     for _ in range(steps):
         loss = (ae(features) - features).pow(2).sum(-1).mean()
@@ -60,29 +49,9 @@ def ae_route(errs, thresholds):
     return torch.where(accepted.any(0), best, torch.full_like(best, NOT_LEARNED))
 
 
-def oracle_route(j, t, n):
-    """(N,) route of dataset j's n images after task t: their own domain once learned."""
-    return torch.full((n,), j if j <= t else NOT_LEARNED, dtype=torch.long)
-
-
-def routed_accuracy(predictions, labels, route, t):
-    """Top-1 (%) of one dataset after task t: predictions[k] (N,) of the model after task k for
-    k <= t, labels (N,), route (N,). Written as eval.evaluate's, so the oracle's Last2[j] equals
-    A[j][j] to the bit."""
-    pred = predictions[t].clone()
-    for k in range(t):
-        pred[route == k] = predictions[k][route == k]
-    return 100.0 * (pred == labels).float().mean().item()
-
-
-def routing_accuracy(route, j, t):
-    """% of dataset j's images routed right after task t: to j once j is learned, else to none."""
-    return 100.0 * (route == (j if j <= t else NOT_LEARNED)).float().mean().item()
-
-
 def summary(routing_acc):
     """{"seen": mean % routed right over the cells t >= j, "unseen": over t < j (None if none)}:
-    of a T x T matrix of routing_accuracy, rows t, columns j."""
+    of a T x T matrix of routing accuracies, rows t, columns j."""
     cells = [(t >= j, a) for t, row in enumerate(routing_acc) for j, a in enumerate(row)]
     seen, unseen = [a for s, a in cells if s], [a for s, a in cells if not s]
     return {"seen": sum(seen) / len(seen), "unseen": sum(unseen) / len(unseen) if unseen else None}
@@ -105,15 +74,21 @@ def add_domain(state, features, test_features):
 
 
 def add_rows(routed, state, t, labels):
-    """Append row t to each router's ("ae", "oracle") accuracy matrix and routing accuracy in
-    `routed`: lookups in `state`; labels: the N labels of each test set."""
+    """Append row t to each router's ("ae", "oracle") accuracy matrix and routing accuracy (% of
+    dataset j's images routed to j once learned, else to none) in `routed`: lookups in `state`;
+    labels: the N labels of each test set. The top-1 is written as eval.evaluate's, so the
+    oracle's Last2[j] equals A[j][j] to the bit."""
     for name, rows in routed.items():
         row, right = [], []
         for j, y in enumerate(map(torch.as_tensor, labels)):
-            route = (oracle_route(j, t, len(y)) if name == "oracle" else
+            own = j if j <= t else NOT_LEARNED  # the right route of dataset j's images
+            route = (torch.full((len(y),), own, dtype=torch.long) if name == "oracle" else
                      ae_route(torch.stack([e[j] for e in state["errors"][:t + 1]]),
                               state["thresholds"][:t + 1]))
-            row.append(routed_accuracy([p[j] for p in state["predictions"]], y, route, t))
-            right.append(routing_accuracy(route, j, t))
+            pred = state["predictions"][t][j].clone()  # the model after task k for route k
+            for k in range(t):
+                pred[route == k] = state["predictions"][k][j][route == k]
+            row.append(100.0 * (pred == y).float().mean().item())
+            right.append(100.0 * (route == own).float().mean().item())
         rows["acc"].append(row)
         rows["routing_accuracy"].append(right)
