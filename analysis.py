@@ -34,8 +34,7 @@ def _rounded(x, digits=5):  # a float for results.json; None stays None
     return None if x is None else float(f"{x:.{digits}g}")
 
 
-def _weight(m):
-    """The weight a linear computes with: W0 + B diag(g) A for an adapter, else its own weight."""
+def _weight(m):  # the weight a linear computes with: W0 + B diag(g) A for an adapter
     if isinstance(m, codyra.CoDyRALinear):
         return m.base.weight + (m.lora_B * m.lora_g) @ m.lora_A  # (d_out, d_in)
     return m.weight
@@ -138,8 +137,7 @@ def gate_survival(g_init, g_final, edges=GATE_EDGES):
 
 
 def _report(upd, drifts):
-    """A report's "update", "amplification" and "drift"; total and pooled are those of the block-
-    diagonal matrix of all dW: sqrt(sum ||dW_m||^2) / sqrt(sum ||U_m^T W0_m V_m||^2)."""
+    """A report's "update", "amplification", "drift"; the total and pooled of all dW, stacked."""
     proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
     total = math.hypot(*(u["norm"] for u in upd.values()))
     return {"update": {"grid": grid({n: _rounded(u["norm"]) for n, u in upd.items()}),
@@ -157,15 +155,15 @@ def task_report(model, start, pretrained):
     upd = ({n: adapter_update(m) for n, m in adapters} if adapters
            else {n: weight_update(start[n], after[n]) for n in start})
     report, norms = _report(upd, drift(pretrained, model)), [u["norm"] for u in upd.values()]
+    pre = math.hypot(*(float(pretrained[n].norm()) for n in upd))
     # relative: ||dW_t||_F / ||W_pre||_F over the same matrices, comparable across scales
-    report["update"].update(mean=_rounded(sum(norms) / max(len(norms), 1)), relative=_rounded(
-        math.hypot(*norms) / math.hypot(*(float(pretrained[n].norm()) for n in upd)) if upd
-        else None))
-    return {"ranks": ranks and {"grid": grid(ranks), "by_type": {
-                e: {t: sum(x[i] for x in rows if x[i] is not None) for i, t in enumerate(TYPES)}
-                for e, rows in grid(ranks).items()},
-                "mean": _rounded(sum(ranks.values()) / len(ranks)),
-                "of": max(len(m.lora_g) for _, m in adapters)},
+    report["update"].update(mean=_rounded(sum(norms) / max(len(norms), 1)),
+                            relative=_rounded(math.hypot(*norms) / pre if upd else None))
+    by_type = {e: {t: sum(filter(None, column)) for t, column in zip(TYPES, zip(*rows))}
+               for e, rows in grid(ranks).items()}  # None: not adapted
+    return {"ranks": ranks and {"grid": grid(ranks), "by_type": by_type,
+                                "mean": _rounded(sum(ranks.values()) / len(ranks)),
+                                "of": max(len(m.lora_g) for _, m in adapters)},
             "gates": gate_survival(start, {n: m.lora_g for n, m in adapters}) if adapters else None,
             **report,  # Table 7's "final used params"; full fine-tuning: every trainable parameter
             "used_parameters": (codyra.used_parameters(model) if adapters else
@@ -173,9 +171,9 @@ def task_report(model, start, pretrained):
 
 
 def compare(model_a, model_b, r=None, where=None):
-    """From model A to B in every CLIP linear (where: a codyra placement, default all): {"update":
-    ||W_B - W_A||_F, "rank": its rank, "amplification": against W_A (top-r, r = that rank unless
-    given), "drift": B from A}. NOTE: a full SVD per matrix, ViT-B/16 ~2 min on two CPU cores."""
+    """From A to B in the CLIP linears `where` (default all): task_report's "update", "drift",
+    "amplification" (against W_A, top r; default the rank) and "rank". NOTE: a full SVD per
+    matrix, ViT-B/16 ~2 min on two CPU cores."""
     wa, wb = (weights(m, where or codyra.clip_placement()) for m in (model_a, model_b))
     if {n: w.shape for n, w in wa.items()} != {n: w.shape for n, w in wb.items()}:
         raise ValueError("the two models have different architectures")
@@ -244,15 +242,14 @@ def plot(results, out):
     names, acc, reports = results["datasets"], np.array(results["acc"]), results["analysis"]
     done, figs = [f"{t + 1} {names[t]}" for t in range(len(acc))], {}
     # accuracy matrix: row t = evaluation after task t, column j = dataset j
-    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
+    figs["accuracy.png"], ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
     im = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for (t, j), a in np.ndenumerate(acc):
         ax.text(j, t, f"{a:.0f}", ha="center", va="center", size=8, color="w" if a < 60 else "k")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(yticks=range(len(acc)), yticklabels=done, xlabel="evaluated on", ylabel="after task",
            title="top-1 accuracy (%)")
-    figs["accuracy.png"] = fig
-    fig.colorbar(im, ax=ax)
+    ax.figure.colorbar(im, ax=ax)
     # rank allocation: one panel per encoder (rows) and task (columns), module type x layer
     if reports and reports[0]["ranks"]:
         encoders, top = list(reports[0]["ranks"]["grid"]), reports[0]["ranks"]["of"]
