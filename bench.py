@@ -1,16 +1,13 @@
 """Speed, on random weights and generated images (no data, no download), two ways.
 
-The speed table: training and evaluation, the plain path against the fast one, every row
-measured in this run.
+The speed table, every row measured in this run: the plain path (the released code: fp32,
+77-token text, every test JPEG decoded at every evaluation) against the fast one (this project:
+text cut to the longest prompt, test images from the uint8 cache; in fp32, train.py's default
+--precision, and on CUDA also bf16 autocast). Peak MB: CUDA, the row's own; CPU, the process's.
 
     python bench.py                        # ViT-B/16: batch 64 (CUDA), 4 (CPU, ~3 min)
     python bench.py --model-size tiny      # the tiny world's CLIP shape, seconds
     python bench.py --compile              # adds torch.compile rows, compile time included
-
-plain = the released code: fp32, 77-token text, every test JPEG decoded at every evaluation;
-fast = this project: text cut to the longest prompt, test images from the uint8 cache, in fp32
-(train.py's default --precision) and, on CUDA, also in bf16 autocast (--precision bf16).
-Peak MB: CUDA, the row's own; CPU, the process's so far.
 
 The dry run (dryrun.py): `train.py --setting mtil` (or xtail) end to end on a synthetic copy of
 the benchmark with random weights; a table of every phase.
@@ -107,10 +104,9 @@ def encode_text_full(m, toks):
     return x[torch.arange(len(x), device=x.device), toks.argmax(-1)] @ m.text_projection
 
 
-def full_text(m, on=True):
-    """Within it, when on, m.encode_text takes the plain path."""
-    plain = functools.partial(encode_text_full, m)
-    return mock.patch.object(m, "encode_text", plain) if on else contextlib.nullcontext()
+def full_text(m, on=True):  # within it, when on, m.encode_text takes the plain path
+    plain = mock.patch.object(m, "encode_text", functools.partial(encode_text_full, m))
+    return plain if on else contextlib.nullcontext()
 
 
 def inference(fn, *args, amp=False, full=False):
@@ -144,8 +140,8 @@ def evaluate(images):
 
 # --- training: one CoDyRA step (train.py's loss), rank 16, all placements
 def train_step(m, amp, full):
-    params = [q for q in m.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.9999))
+    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5,
+                            betas=(0.9, 0.9999))
     labels = torch.randint(0, C, (B,), device=device)
 
     def step():
@@ -200,8 +196,8 @@ for _, layer in codyra.adapters(injected):
     torch.nn.init.normal_(layer.lora_B, std=1e-3)  # so that merging changes the weights
 merged = codyra.merge(copy.deepcopy(injected))
 plain = row("image inference", "never-injected CLIP", B, inference(model.encode_image, images))
-row("", "adapters live (before merge)", B, inference(injected.encode_image, images), plain=plain)
-row("", "merged", B, inference(merged.encode_image, images), plain=plain)
+for path, m in (("adapters live (before merge)", injected), ("merged", merged)):
+    row("", path, B, inference(m.encode_image, images), plain=plain)
 
 # --- report
 name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
