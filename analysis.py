@@ -299,8 +299,8 @@ def main():
         p.error("--amp-rank must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        models = (clip_model.load(path, device) for path in (args.A, args.B))
-        print(format_comparison(compare(*models, args.amp_rank)))
+        a, b = clip_model.load(args.A, device), clip_model.load(args.B, device)
+        print(format_comparison(compare(a, b, args.amp_rank)))
     except (clip_model.CLIPLoadError, ValueError) as e:
         sys.exit(f"error: {e}")
 
