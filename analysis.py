@@ -1,10 +1,8 @@
-"""What CoDyRA did to the model, per task: the paper's analyses (Fig. 6, App. B.2, B.3).
+"""What CoDyRA did to the model per task (the paper's Fig. 6, App. B.2, B.3): for each adapted W0
+and update dW = B diag(g) A, active ranks #{i : g_i != 0} per module type, layer and encoder,
+||dW||_F, amplification [Eq. 8], drift ||W_t - W_pre||_F, |g| at injection against survival.
 
     python analysis.py ViT-B/16 out/checkpoint.pt     # what training changed in the weights
-
-Per adapted matrix W0 and one task's update dW = B diag(g) A: active ranks #{i : g_i != 0} per
-module type, layer and encoder [Fig. 6, App. B.3]; ||dW||_F; amplification [App. B.2 Eq. 8]; drift
-||W_t - W_pre||_F from the pretrained weight; |g| at injection against survival [SPEC section 1].
 """
 import argparse
 import importlib.util
@@ -22,8 +20,7 @@ GATE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # bins of |g_init|; the last
 
 
 def grid(values):
-    """{module name: value} -> {encoder: [[value per type in TYPES] per layer]}; None where a
-    module is absent. Names outside CLIP's blocks are ignored, and so is an encoder without any."""
+    """{module name: value} -> {encoder: [[value per type in TYPES] per layer]}, None if absent."""
     sites = {n: site for n in values if (site := codyra.clip_site(n))}
     out = {e: [] for e in ENCODERS if any(site[0] == e for site in sites.values())}
     for n, (encoder, block, typ) in sites.items():
@@ -33,13 +30,11 @@ def grid(values):
     return out
 
 
-def _rounded(x, digits=5):
-    """A float for results.json: `digits` significant digits; None stays None."""
+def _rounded(x, digits=5):  # a float for results.json; None stays None
     return None if x is None else float(f"{x:.{digits}g}")
 
 
-def _weight(m):
-    """The weight a linear computes with: W0 + B diag(g) A for an adapter, else its own weight."""
+def _weight(m):  # the weight a linear computes with: W0 + B diag(g) A for an adapter
     if isinstance(m, codyra.CoDyRALinear):
         return m.base.weight + (m.lora_B * m.lora_g) @ m.lora_A  # (d_out, d_in)
     return m.weight
@@ -56,17 +51,15 @@ def weights(model, where=None):
 
 
 def snapshot(model, where=None):
-    """Where a task starts, for task_report; take it right after codyra.inject: {adapter name:
-    copy of g} with adapters, else (full fine-tuning) weights(model, where)."""
+    """A task's start, after codyra.inject: {adapter: copy of g}, or weights(model, where)."""
     if codyra.adapters(model):
         return {n: m.lora_g.detach().clone() for n, m in codyra.adapters(model)}
     return weights(model, where)
 
 
 def low_rank_svd(B, A):
-    """Thin SVD (U, S, Vh) of dW = B @ A, B (d_out, k), A (k, d_in), without forming dW: with
-    reduced QRs B = Q_B R_B and A^T = Q_A R_A and the SVD of the (k, k) core R_B R_A^T = Us S Vs^T,
-    dW = (Q_B Us) S (Vs^T Q_A^T). Cost O((d_out + d_in) k^2), not an SVD of a 3072 x 768 matrix."""
+    """Thin SVD (U, S, Vh) of dW = B @ A without forming dW: B = Q_B R_B, A^T = Q_A R_A and the
+    (k, k) core R_B R_A^T = Us S Vs^T give dW = (Q_B Us) S (Vs^T Q_A^T): O((d_out + d_in) k^2)."""
     QB, RB = torch.linalg.qr(B)                      # (d_out, k), (k, k)
     QA, RA = torch.linalg.qr(A.T)                    # (d_in, k), (k, k)
     Us, S, Vsh = torch.linalg.svd(RB @ RA.T)         # (k, k), (k,), (k, k)
@@ -83,31 +76,27 @@ def amplification(W0, U, S, Vh, r):
     return float(S.norm() / proj.norm())
 
 
-def _measures(W0, U, S, Vh, dtype, r, floor=0.0):
-    """{"norm", "rank", "r", "amp"} of dW = U diag(S) Vh; rank: #{S > max(max(S) * max(shape) *
-    eps(dtype), floor)} (matrix_rank's tolerance, dtype that of dW's data), r: rank unless given."""
-    eps = torch.finfo(dtype).eps
-    rank = int((S > max(float(S.max()) * max(W0.shape) * eps, floor)).sum()) if len(S) else 0
-    r = rank if r is None else min(r, len(S))
-    return {"norm": float(S.norm()), "rank": rank, "r": r, "amp": amplification(W0, U, S, Vh, r)}
-
-
 @torch.no_grad()
 def adapter_update(m, r=None):
-    """||dW||_F, rank(dW), r and amplification of a CoDyRALinear, from its active ranks, in fp64."""
+    """weight_update's measures of a CoDyRALinear, from its active ranks, in fp64."""
     keep = m.lora_g != 0
     if not keep.any():
         return {"norm": 0.0, "rank": 0, "r": 0, "amp": None}
-    U, S, Vh = low_rank_svd((m.lora_B[:, keep] * m.lora_g[keep]).double(), m.lora_A[keep].double())
-    return _measures(m.base.weight.double(), U, S, Vh, m.lora_A.dtype, r)
+    svd = low_rank_svd((m.lora_B[:, keep] * m.lora_g[keep]).double(), m.lora_A[keep].double())
+    return weight_update(m.base.weight.double(), None, r, svd, m.lora_A.dtype)
 
 
 @torch.no_grad()
-def weight_update(W0, W1, r=None):
-    """adapter_update's measures of W1 - W0 against W0, by a full SVD (~0.4 s for 3072 x 768, CPU);
-    the rank ignores singular values below eps * ||W0||_F, the size of rounding W to fp32."""
-    U, S, Vh = torch.linalg.svd(W1 - W0, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
-    return _measures(W0, U, S, Vh, W0.dtype, r, floor=torch.finfo(W0.dtype).eps * float(W0.norm()))
+def weight_update(W0, W1, r=None, svd=None, dtype=None):
+    """{"norm", "rank", "r", "amp"} of dW = W1 - W0 (or svd: its U, S, Vh; dtype: that of its data)
+    against W0; rank: #{S > max(S) * max(shape) * eps(dtype)} (matrix_rank's tolerance) and, by a
+    full SVD (~0.4 s for 3072 x 768, CPU), > eps * ||W0||_F, the size of rounding W to fp32."""
+    U, S, Vh = svd or torch.linalg.svd(W1 - W0, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    eps = torch.finfo(dtype or W0.dtype).eps
+    floor = 0.0 if svd else eps * float(W0.norm())
+    rank = int((S > max(float(S.max()) * max(W0.shape) * eps, floor)).sum()) if len(S) else 0
+    r = rank if r is None else min(r, len(S))
+    return {"norm": float(S.norm()), "rank": rank, "r": r, "amp": amplification(W0, U, S, Vh, r)}
 
 
 @torch.no_grad()
@@ -118,8 +107,8 @@ def drift(pretrained, model):
 
 
 def summarize_drift(d):
-    """{"norm": {...}, "relative": {...}}, each {encoder: {type: x, "all": x}, "total": x}: the
-    Frobenius norm of the drift of each group's matrices; relative: over the group's ||W_pre||_F."""
+    """{"norm"/"relative": {encoder: {type: x, "all": x}, "total": x}}: ||drift||_F of each group's
+    matrices, relative: over the group's ||W_pre||_F."""
     groups = {(None, "total"): list(d)}
     for n in d:
         if site := codyra.clip_site(n):
@@ -127,8 +116,7 @@ def summarize_drift(d):
                 groups.setdefault((site[0], typ), []).append(n)
     norm, relative = {}, {}
     for (encoder, typ), names in groups.items():
-        a = math.hypot(*(d[n][0] for n in names))  # of the drift, matrices stacked
-        b = math.hypot(*(d[n][1] for n in names))  # of W_pre
+        a, b = (math.hypot(*(d[n][i] for n in names)) for i in (0, 1))  # drift, W_pre: stacked
         for tree, x in ((norm, a), (relative, a / b if b else None)):
             (tree.setdefault(encoder, {}) if encoder else tree)[typ] = _rounded(x)
     return {"norm": norm, "relative": relative}
@@ -142,63 +130,57 @@ def gate_survival(g_init, g_final, edges=GATE_EDGES):
     init = torch.cat([g_init[n].abs().float().cpu() for n in g_init])
     kept = torch.cat([g_final[n].cpu() != 0 for n in g_init])
     which = torch.bucketize(init, torch.tensor(edges[1:]), right=True)  # bin index of each rank
-    return {"edges": list(edges),
-            "kept": torch.bincount(which[kept], minlength=len(edges)).tolist(),
-            "total": torch.bincount(which, minlength=len(edges)).tolist(),
+    count = [torch.bincount(w, minlength=len(edges)).tolist() for w in (which[kept], which)]
+    return {"edges": list(edges), "kept": count[0], "total": count[1],
             "mean_init_kept": _rounded(float(init[kept].mean())) if kept.any() else None,
             "mean_init_pruned": _rounded(float(init[~kept].mean())) if not kept.all() else None}
 
 
-def _summaries(upd):
-    """A report's "update" (||dW||_F) and "amplification", pooled as that of the block-diagonal
-    matrix of all dW: sqrt(sum ||dW_m||^2) / sqrt(sum ||U_m^T W0_m V_m||^2), from the measures."""
+def _report(upd, drifts):
+    """A report's "update", "amplification", "drift"; the total and pooled of all dW, stacked."""
     proj = [u["norm"] / u["amp"] for u in upd.values() if u["amp"]]
     total = math.hypot(*(u["norm"] for u in upd.values()))
     return {"update": {"grid": grid({n: _rounded(u["norm"]) for n, u in upd.items()}),
                        "total": _rounded(total)},
             "amplification": {"grid": grid({n: _rounded(u["amp"]) for n, u in upd.items()}),
-                              "pooled": _rounded(total / math.hypot(*proj) if proj else None)}}
+                              "pooled": _rounded(total / math.hypot(*proj) if proj else None)},
+            "drift": summarize_drift(drifts)}
 
 
 def task_report(model, start, pretrained):
     """Everything of one task, JSON-ready; call it before codyra.merge. start: snapshot() at the
     task's start (without adapters, the update is measured against it); pretrained: weights()."""
-    adapters = codyra.adapters(model)
+    adapters, ranks = codyra.adapters(model), codyra.rank_stats(model)
     after = None if adapters else weights(model, lambda n: n in start)
     upd = ({n: adapter_update(m) for n, m in adapters} if adapters
            else {n: weight_update(start[n], after[n]) for n in start})
-    ranks = codyra.rank_stats(model)
-    summary, norms = _summaries(upd), [u["norm"] for u in upd.values()]
-    by_type = {e: {t: sum(x[i] for x in rows if x[i] is not None) for i, t in enumerate(TYPES)}
-               for e, rows in grid(ranks).items()}
+    report, norms = _report(upd, drift(pretrained, model)), [u["norm"] for u in upd.values()]
+    pre = math.hypot(*(float(pretrained[n].norm()) for n in upd))
+    # relative: ||dW_t||_F / ||W_pre||_F over the same matrices, comparable across scales
+    report["update"].update(mean=_rounded(sum(norms) / max(len(norms), 1)),
+                            relative=_rounded(math.hypot(*norms) / pre if upd else None))
+    by_type = {e: {t: sum(filter(None, column)) for t, column in zip(TYPES, zip(*rows))}
+               for e, rows in grid(ranks).items()}  # None: not adapted
     return {"ranks": ranks and {"grid": grid(ranks), "by_type": by_type,
                                 "mean": _rounded(sum(ranks.values()) / len(ranks)),
                                 "of": max(len(m.lora_g) for _, m in adapters)},
             "gates": gate_survival(start, {n: m.lora_g for n, m in adapters}) if adapters else None,
-            # relative: ||dW_t||_F / ||W_pre||_F over the same matrices, comparable across scales
-            "update": {**summary["update"], "mean": _rounded(sum(norms) / max(len(norms), 1)),
-                       "relative": _rounded(math.hypot(*norms) / math.hypot(
-                           *(float(pretrained[n].norm()) for n in upd)) if upd else None)},
-            "amplification": summary["amplification"],
-            "drift": summarize_drift(drift(pretrained, model)),
-            # Table 7's "final used params"; full fine-tuning: every trainable parameter
+            **report,  # Table 7's "final used params"; full fine-tuning: every trainable parameter
             "used_parameters": (codyra.used_parameters(model) if adapters else
                                 sum(p.numel() for p in model.parameters() if p.requires_grad))}
 
 
 def compare(model_a, model_b, r=None, where=None):
-    """From model A to B in every CLIP linear (where: a codyra placement, default all): {"update":
-    ||W_B - W_A||_F, "rank": its rank, "amplification": against W_A (top-r, r = that rank unless
-    given), "drift": B from A}. NOTE: a full SVD per matrix, ViT-B/16 ~2 min on two CPU cores."""
+    """From A to B in the CLIP linears `where` (default all): task_report's "update", "drift",
+    "amplification" (against W_A, top r; default the rank) and "rank". NOTE: a full SVD per
+    matrix, ViT-B/16 ~2 min on two CPU cores."""
     wa, wb = (weights(m, where or codyra.clip_placement()) for m in (model_a, model_b))
     if {n: w.shape for n, w in wa.items()} != {n: w.shape for n, w in wb.items()}:
         raise ValueError("the two models have different architectures")
     upd = {n: weight_update(wa[n], wb[n].to(wa[n].device), r) for n in wa}
-    summary = _summaries(upd)
-    return {"update": summary["update"],
-            "rank": {"grid": grid({n: u["rank"] for n, u in upd.items()}), "r": r},
-            "amplification": summary["amplification"],
-            "drift": summarize_drift({n: (upd[n]["norm"], float(wa[n].norm())) for n in wa})}
+    report = _report(upd, {n: (upd[n]["norm"], float(wa[n].norm())) for n in wa})
+    rank = {"grid": grid({n: u["rank"] for n, u in upd.items()}), "r": r}
+    return {"update": report["update"], "rank": rank, **report}  # keys in this order
 
 
 def format_grids(grids, spec="", gap="   "):
@@ -216,17 +198,15 @@ def format_grids(grids, spec="", gap="   "):
 
 def format_report(report):
     """The print after a task: active ranks by layer and module type per encoder, then sizes."""
-    ranks = report["ranks"]
+    ranks, u, d, g = report["ranks"], report["update"], report["drift"], report["gates"]
+    a = report["amplification"]["pooled"]
     lines = [f"active ranks of {ranks['of']}, layer by module type ('-': not adapted)",
              *format_grids(ranks["grid"])] if ranks else []
-    d, g, a = report["drift"], report["gates"], report["amplification"]["pooled"]
-    parts = [f"mean rank {ranks['mean']:.1f}/{ranks['of']}"] if ranks else []
-    parts.append(f"used params {report['used_parameters'] / 1e6:.3g}M")
-    parts += [f"||dW||_F {report['update']['total']:.3g} "
-              f"({100 * report['update']['relative']:.2g}% of ||W_pre||_F)",
-              f"amplification {'-' if a is None else f'{a:.3g}'}",
-              f"drift {d['norm']['total']:.3g} "
-              f"({100 * d['relative']['total']:.2g}% of ||W_pre||_F)"]
+    parts = ([f"mean rank {ranks['mean']:.1f}/{ranks['of']}"] if ranks else []) + [
+        f"used params {report['used_parameters'] / 1e6:.3g}M",
+        f"||dW||_F {u['total']:.3g} ({100 * u['relative']:.2g}% of ||W_pre||_F)",
+        f"amplification {'-' if a is None else f'{a:.3g}'}",
+        f"drift {d['norm']['total']:.3g} ({100 * d['relative']['total']:.2g}% of ||W_pre||_F)"]
     if g and None not in (g["mean_init_kept"], g["mean_init_pruned"]):
         parts.append(f"|g_init| kept {g['mean_init_kept']:.2f} "
                      f"vs pruned {g['mean_init_pruned']:.2f}")
@@ -236,11 +216,11 @@ def format_report(report):
 def format_comparison(c):
     """The print of `python analysis.py A B`: three grids per encoder, the drift per module type."""
     r = "r = rank of W_B - W_A" if c["rank"]["r"] is None else f"top r = {c['rank']['r']}"
-    amp, lines = f"amplification of W_B - W_A against W_A ({r})", []
+    rel, a, lines = c["drift"]["relative"], c["amplification"]["pooled"], []
+    amp = f"amplification of W_B - W_A against W_A ({r})"
     for title, key, spec in (("||W_B - W_A||_F", "update", ".3g"),
                              ("rank of W_B - W_A", "rank", ""), (amp, "amplification", ".3g")):
         lines += [f"{title}, layer by module type ('-': none)", *format_grids(c[key]["grid"], spec)]
-    rel, a = c["drift"]["relative"], c["amplification"]["pooled"]
     lines.append("drift relative to ||W_A||_F (%): " + " | ".join(
         f"{e} " + " ".join(f"{t} {100 * rel[e][t]:.2g}" for t in TYPES if t in rel[e])
         for e in ENCODERS if e in rel))
@@ -249,8 +229,7 @@ def format_comparison(c):
     return "\n".join(lines)
 
 
-def can_plot():
-    """True when matplotlib is installed."""
+def can_plot():  # matplotlib installed?
     return importlib.util.find_spec("matplotlib") is not None
 
 
@@ -263,20 +242,19 @@ def plot(results, out):
     names, acc, reports = results["datasets"], np.array(results["acc"]), results["analysis"]
     done, figs = [f"{t + 1} {names[t]}" for t in range(len(acc))], {}
     # accuracy matrix: row t = evaluation after task t, column j = dataset j
-    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
+    figs["accuracy.png"], ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
     im = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for (t, j), a in np.ndenumerate(acc):
         ax.text(j, t, f"{a:.0f}", ha="center", va="center", size=8, color="w" if a < 60 else "k")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(yticks=range(len(acc)), yticklabels=done, xlabel="evaluated on", ylabel="after task",
            title="top-1 accuracy (%)")
-    fig.colorbar(im, ax=ax)
-    figs["accuracy.png"] = fig
+    ax.figure.colorbar(im, ax=ax)
     # rank allocation: one panel per encoder (rows) and task (columns), module type x layer
     if reports and reports[0]["ranks"]:
         encoders, top = list(reports[0]["ranks"]["grid"]), reports[0]["ranks"]["of"]
-        fig, axes = plt.subplots(len(encoders), len(reports), squeeze=False,
-                                 figsize=(1.0 + 1.9 * len(reports), 0.6 + 1.9 * len(encoders)))
+        figs["ranks.png"], axes = plt.subplots(len(encoders), len(reports), squeeze=False, figsize=(
+            1.0 + 1.9 * len(reports), 0.6 + 1.9 * len(encoders)))
         for t, rep in enumerate(reports):
             for i, e in enumerate(encoders):
                 cells = np.array(rep["ranks"]["grid"][e], dtype=float).T
@@ -286,10 +264,9 @@ def plot(results, out):
                 ax.set_xticks(layers, [str(x) if x % 2 == 0 else "" for x in layers], fontsize=7)
                 ax.set_title(done[t] if i == 0 else "", fontsize=9)
                 ax.set(ylabel=e if t == 0 else "", xlabel="layer" if i == len(encoders) - 1 else "")
-        fig.colorbar(im, ax=axes, label=f"active ranks (of {top})")
-        figs["ranks.png"] = fig
+        figs["ranks.png"].colorbar(im, ax=axes, label=f"active ranks (of {top})")
     # drift from the pretrained weights after each task, and each task's own update
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    figs["drift.png"], (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     x, rel = range(1, len(reports) + 1), [rep["drift"]["relative"] for rep in reports]
     for e, t in [(e, t) for e in ENCODERS for t in TYPES if t in rel[0].get(e, {})]:
         left.plot(x, [100 * r[e][t] for r in rel], "--" if e == "text" else "-",
@@ -305,7 +282,6 @@ def plot(results, out):
     for ax, title in ((left, "drift from the pretrained weights"), (right, "each task's update")):
         ax.set_xticks(list(x), done, rotation=45, ha="right")
         ax.set(xlabel="after task", title=title)
-    figs["drift.png"] = fig
     for name, fig in figs.items():
         fig.savefig(f"{out}/{name}", dpi=120, bbox_inches="tight")
         plt.close(fig)

@@ -1,16 +1,13 @@
 """Speed, on random weights and generated images (no data, no download), two ways.
 
-The speed table: training and evaluation, the plain path against the fast one, every row
-measured in this run.
+The speed table, every row measured in this run: the plain path (the released code: fp32,
+77-token text, every test JPEG decoded at every evaluation) against the fast one (this project:
+text cut to the longest prompt, test images from the uint8 cache; in fp32, train.py's default
+--precision, and on CUDA also bf16 autocast). Peak MB: CUDA, the row's own; CPU, the process's.
 
     python bench.py                        # ViT-B/16: batch 64 (CUDA), 4 (CPU, ~3 min)
     python bench.py --model-size tiny      # the tiny world's CLIP shape, seconds
     python bench.py --compile              # adds torch.compile rows, compile time included
-
-plain = the released code: fp32, 77-token text, every test JPEG decoded at every evaluation;
-fast = this project: text cut to the longest prompt, test images from the uint8 cache, in fp32
-(train.py's default --precision) and, on CUDA, also in bf16 autocast (--precision bf16).
-Peak MB: CUDA, the row's own; CPU, the process's so far.
 
 The dry run (dryrun.py): `train.py --setting mtil` (or xtail) end to end on a synthetic copy of
 the benchmark with random weights; a table of every phase.
@@ -107,10 +104,9 @@ def encode_text_full(m, toks):
     return x[torch.arange(len(x), device=x.device), toks.argmax(-1)] @ m.text_projection
 
 
-def full_text(m, on=True):
-    """Within it, when on, m.encode_text takes the plain path."""
-    plain = functools.partial(encode_text_full, m)
-    return mock.patch.object(m, "encode_text", plain) if on else contextlib.nullcontext()
+def full_text(m, on=True):  # within it, when on, m.encode_text takes the plain path
+    plain = mock.patch.object(m, "encode_text", functools.partial(encode_text_full, m))
+    return plain if on else contextlib.nullcontext()
 
 
 def inference(fn, *args, amp=False, full=False):
@@ -121,19 +117,23 @@ def inference(fn, *args, amp=False, full=False):
     return run
 
 
-def row(what, path, items, fn, n=iters, plain=None):
-    """Time fn over n calls after one warm-up, add its row; returns its seconds per call."""
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    fn()
-    sync()
+def seconds(fn, n=1):  # per call, over n calls of fn, the GPU waited for
     start = time.perf_counter()
     for _ in range(n):
         fn()
     sync()
-    s = (time.perf_counter() - start) / n
-    rows.append((what, path, items / s, s, dryrun.peak_mb(cuda), plain or s))
-    return s
+    return (time.perf_counter() - start) / n
+
+
+def row(what, path, items, fn, n=iters):
+    """Time fn over n calls after one warm-up and add its row: a new group's plain one when `what`
+    names the group, else a row compared with that plain one."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds(fn)  # the warm-up
+    s = seconds(fn, n)
+    plain = s if what else next(r[3] for r in reversed(rows) if r[0])
+    rows.append((what, path, items / s, s, dryrun.peak_mb(cuda), plain))
 
 
 def evaluate(images):
@@ -144,8 +144,8 @@ def evaluate(images):
 
 # --- training: one CoDyRA step (train.py's loss), rank 16, all placements
 def train_step(m, amp, full):
-    params = [q for q in m.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.9999))
+    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5,
+                            betas=(0.9, 0.9999))
     labels = torch.randint(0, C, (B,), device=device)
 
     def step():
@@ -161,37 +161,32 @@ def train_step(m, amp, full):
 
 
 trainee = codyra.inject(copy.deepcopy(model), 16, where=codyra.clip_placement()).train()
-plain = row("training, rank 16, all placements", "plain: fp32, 77-token text", B,
-            train_step(trainee, False, True))
+row("training, rank 16, all placements", "plain: fp32, 77-token text", B,
+    train_step(trainee, False, True))
 for prec, amp in AMP.items():
-    row("", f"fast: {prec}, text cut to {L}", B, train_step(trainee, amp, False), plain=plain)
+    row("", f"fast: {prec}, text cut to {L}", B, train_step(trainee, amp, False))
 if args.compile:
     trainee.visual.compile()
     trainee.transformer.compile()
-    start = time.perf_counter()
-    train_step(trainee, False, False)()
-    sync()
-    row("", f"fast: fp32 + compile (first step {time.perf_counter() - start:.0f}s)", B,
-        train_step(trainee, False, False), plain=plain)
+    first = seconds(train_step(trainee, False, False))
+    row("", f"fast: fp32 + compile (first step {first:.0f}s)", B, train_step(trainee, False, False))
 del trainee
 
 # --- evaluation: the whole evaluate() of one test set (text features, loader, forward passes)
-plain = row(f"evaluation, {N} JPEGs 500x375", "plain: fp32, 77 tokens, decode", N,
-            inference(evaluate(test), amp=False, full=True), n=1)
+row(f"evaluation, {N} JPEGs 500x375", "plain: fp32, 77 tokens, decode", N,
+    inference(evaluate(test), amp=False, full=True), n=1)
 start = time.perf_counter()
 cached = test.cached("bench", os.path.join(tmp, "cache"), args.workers)
 build_s = time.perf_counter() - start
 for prec, amp in AMP.items():
-    row("", f"fast: {prec}, cut, uint8 cache", N, inference(evaluate(cached), amp=amp), n=1,
-        plain=plain)
+    row("", f"fast: {prec}, cut, uint8 cache", N, inference(evaluate(cached), amp=amp), n=1)
 rows.append(("", "  (building the cache, once)", N / build_s, build_s, dryrun.peak_mb(cuda), None))
 
 # --- text tower: cut vs 77 tokens; image inference: never-injected vs injected vs merged
-plain = row(f"text tower, {C} prompts", "plain: fp32, 77 tokens", C,
-            inference(encode_text_full, model, tokens, amp=False))
+row(f"text tower, {C} prompts", "plain: fp32, 77 tokens", C,
+    inference(encode_text_full, model, tokens, amp=False))
 for prec, amp in AMP.items():
-    row("", f"fast: {prec}, cut to {L}", C, inference(model.encode_text, tokens, amp=amp),
-        plain=plain)
+    row("", f"fast: {prec}, cut to {L}", C, inference(model.encode_text, tokens, amp=amp))
 with torch.no_grad():
     same = torch.allclose(encode_text_full(model, tokens), model.encode_text(tokens), atol=1e-4)
 images = clip_model.normalize(pixels)
@@ -199,9 +194,9 @@ injected = codyra.inject(copy.deepcopy(model), 16, where=codyra.clip_placement()
 for _, layer in codyra.adapters(injected):
     torch.nn.init.normal_(layer.lora_B, std=1e-3)  # so that merging changes the weights
 merged = codyra.merge(copy.deepcopy(injected))
-plain = row("image inference", "never-injected CLIP", B, inference(model.encode_image, images))
-row("", "adapters live (before merge)", B, inference(injected.encode_image, images), plain=plain)
-row("", "merged", B, inference(merged.encode_image, images), plain=plain)
+for what, path, m in (("image inference", "never-injected CLIP", model),
+                      ("", "adapters live (before merge)", injected), ("", "merged", merged)):
+    row(what, path, B, inference(m.encode_image, images))
 
 # --- report
 name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"

@@ -52,26 +52,20 @@ def shape_mask(shape, cx, cy, radius, angle=0.0):
     dy, dx = (_PIXEL_CENTRES[0] - cy) / radius, (_PIXEL_CENTRES[1] - cx) / radius
     c, s = np.cos(angle), np.sin(angle)
     u, v = c * dx + s * dy, -s * dx + c * dy  # in radii, v pointing down
-    r2 = u * u + v * v
-    if shape == "circle":
-        return _downsample(r2 <= 1)
-    if shape == "square":
-        return _downsample(np.maximum(abs(u), abs(v)) <= 0.8)
-    if shape == "triangle":  # equilateral, pointing up
-        return _downsample((v <= 0.5) & (np.sqrt(3) * u - v <= 1) & (-np.sqrt(3) * u - v <= 1))
-    if shape == "diamond":
-        return _downsample(abs(u) / 0.8 + abs(v) <= 1)
-    if shape == "star":  # 5 points; radius falls linearly from 1 at a tip to 0.45 between tips
-        frac = ((np.arctan2(u, -v) / (2 * np.pi / 5)) % 1.0 - 0.5) * 2  # -1..1, 0 between tips
-        return _downsample(np.sqrt(r2) <= 0.45 + 0.55 * abs(frac))
-    if shape == "cross":
-        return _downsample(((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)))
-    if shape == "ring":
-        return _downsample((r2 <= 1) & (r2 >= 0.55 ** 2))
-    if shape == "heart":
-        x, y = 1.25 * u, -1.25 * v + 0.25
-        return _downsample((x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0)
-    raise ValueError(shape)
+    r2, x, y = u * u + v * v, 1.25 * u, -1.25 * v + 0.25  # x, y: the heart's frame
+    inside = {  # computed for the shape asked only; the triangle is equilateral, pointing up
+        "circle": lambda: r2 <= 1,
+        "square": lambda: np.maximum(abs(u), abs(v)) <= 0.8,
+        "triangle": lambda: (v <= 0.5) & (np.sqrt(3) * u - v <= 1) & (-np.sqrt(3) * u - v <= 1),
+        "diamond": lambda: abs(u) / 0.8 + abs(v) <= 1,
+        "star": lambda: np.sqrt(r2) <= 0.45 + 0.55 * abs(  # 5 tips; radius 1 there, 0.45 between
+            ((np.arctan2(u, -v) / (2 * np.pi / 5)) % 1.0 - 0.5) * 2),  # -1..1, 0 between tips
+        "cross": lambda: ((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)),
+        "ring": lambda: (r2 <= 1) & (r2 >= 0.55 ** 2),
+        "heart": lambda: (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0}
+    if shape not in inside:
+        raise ValueError(shape)
+    return _downsample(inside[shape]())
 
 
 def pattern(kind, period, angle, phase):
@@ -352,14 +346,16 @@ def _recipe(seed):  # what fixes the pretrained weights; a file made by another 
     return json.dumps([WORLD_VERSION, clip_model.CONFIGS["tiny"], PRETRAIN, seed], sort_keys=True)
 
 
-def save(model, path, seed, seconds):
-    """Write the weights rounded to fp16 (15 MB; a float16 is exact in float32, so every machine
-    starts from the same numbers), with the recipe and the platform that made them."""
+def make(path, seed=0, log=print):
+    """Pretrain the tiny CLIP and write it to path rounded to fp16 (15 MB; a float16 is exact in
+    float32, so every machine starts from the same numbers), with the recipe and the platform."""
+    began = time.time()
+    model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)  # as they are now
     cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
            if line.startswith("model name")][:1] if os.path.exists("/proc/cpuinfo") else []
     made_on = {"machine": platform.machine(), "cpu": (cpu or [platform.processor()])[0],
                "threads": torch.get_num_threads(), "torch": str(torch.__version__),
-               "numpy": np.__version__, "seconds": round(seconds)}
+               "numpy": np.__version__, "seconds": round(time.time() - began)}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with clip_model.atomic(path) as tmp:
         torch.save({"recipe": _recipe(seed), "made_on": made_on,
@@ -389,19 +385,15 @@ def pretrained(seed=0, cache_dir=None, log=print, shipped=SHIPPED):
     """The pretrained tiny CLIP (eval mode): the one shipped in assets/ (`python tiny_world.py
     --ship` made it, seed 0), else pretrained once on this machine and cached under a hash of its
     recipe (another seed, or a changed recipe: that machine's floats then decide the weights)."""
-    if model := load(shipped, seed):
-        return model
     path = cache_path(seed, cache_dir)
-    if model := load(path, seed):
+    if model := load(shipped, seed) or load(path, seed):
         return model
     if log:
         why = (f"{shipped} is unreadable or of another recipe (`git checkout assets/tiny_clip.pt` "
                "restores it); " if seed == 0 and os.path.exists(shipped) else "")
         log(f"{why}pretraining the tiny CLIP: about 22 min on 2 CPU cores, once (cached in "
             f"{path}); the numbers will differ from the README's")
-    began = time.time()
-    model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)
-    save(model, path, seed, time.time() - began)
+    make(path, seed, log)
     return load(path, seed)  # rounded to fp16 like the shipped one
 
 
@@ -416,8 +408,6 @@ if __name__ == "__main__":
     args = p.parse_args()
     if args.seed < 0 or (args.ship and args.seed):
         p.error(f"--seed {args.seed}: expected >= 0, and 0 with --ship")
-    began = time.time()
-    model, _ = pretrain(args.seed)
     path = SHIPPED if args.ship else cache_path(args.seed)
-    save(model, path, args.seed, time.time() - began)
+    make(path, args.seed)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MB)")
