@@ -5,10 +5,6 @@ Every dataset becomes a `Task`: class names, prompt templates, and train/test se
 files (CIFAR-100, MNIST: uint8 arrays) without decoding any. `load_tasks` finds every dataset of a
 run before reading any: a missing one is reported in one line before training, not at task 9.
 
-    tasks = load_tasks("xtail", "~/data", shots=16)   # 10 Tasks in order, train sets 16-shot
-    tasks = load_folders("my_tasks", shots=16)        # your own: one Task per folder, sorted
-    prepare(tasks, 224, "~/.cache/codyra/eval")       # CLIP's preprocessing, test images cached
-
 Which image lands where (SPEC section 3): caltech101, eurosat and sun397 have no official test set
 in torchvision's layout; as ZSCL, random_split 80/20 with seed 42 over torchvision's order (class
 folders and files sorted; sun397 by path: file-system order is not portable). Few-shot: k indices
@@ -42,23 +38,21 @@ BENCHMARKS = {  # datasets in task order, evaluation style, defaults of --layout
               "datasets": ("aircraft", "caltech101", "dtd", "eurosat", "flowers", "food",
                            "mnist", "pets", "cars", "sun397")},
 }
-_TORCHVISION_ONLY = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000)}
+_SAME_SIZES = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000),  # as torchvision's
+               "places365": (365, None, 36500), "imagenet": (1000, None, 50000)}  # val sets only
 SIZES = {  # (classes, train images, test images) of the real data in each layout
     "torchvision": {"aircraft": (100, 3334, 3333), "caltech101": (101, 6941, 1736),
-                    "dtd": (47, 1880, 1880), "eurosat": (10, 21600, 5400),
+                    "pets": (37, 3680, 3669), "dtd": (47, 1880, 1880), "eurosat": (10, 21600, 5400),
                     "flowers": (102, 1020, 6149), "food": (101, 75750, 25250),
-                    "pets": (37, 3680, 3669), "cars": (196, 8144, 8041),
-                    "sun397": (397, 87003, 21751), **_TORCHVISION_ONLY},
+                    "cars": (196, 8144, 8041), "sun397": (397, 87003, 21751), **_SAME_SIZES},
     "coop": {"aircraft": (100, 3334, 3333), "caltech101": (100, 4128, 2465),  # CoOp's Table 1
              "dtd": (47, 2820, 1692), "eurosat": (10, 13500, 8100), "flowers": (102, 4093, 2463),
              "food": (101, 50500, 30300), "pets": (37, 2944, 3669), "cars": (196, 6509, 8041),
-             "sun397": (397, 15880, 19850), **_TORCHVISION_ONLY},
+             "sun397": (397, 15880, 19850), **_SAME_SIZES},
 }
 HOLDOUT = ("cifar100", "places365", "imagenet")  # paper Table 4: never trained, evaluated only
-for _layout in SIZES.values():  # validation sets only (train None), the same in both layouts
-    _layout.update(places365=(365, None, 36500), imagenet=(1000, None, 50000))
-ASSETS = json.loads((Path(__file__).parent / "assets" / "classnames_templates.json").read_text())
-_HELD_OUT = json.loads((Path(__file__).parent / "assets" / "holdout.json").read_text())
+ASSETS, _HELD_OUT = (json.loads((Path(__file__).parent / "assets" / f).read_text())
+                     for f in ("classnames_templates.json", "holdout.json"))
 for _key in ("mtil", "xtail"):  # ImageNet's and Places365's names and templates (Table 4)
     ASSETS[_key].update(_HELD_OUT[_key])
 MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate(
@@ -71,8 +65,7 @@ SPLIT_SEED = 42  # the 80/20 split of your own task without test/: fixed, as ZSC
 
 
 def class_prompts(name, classnames, prompts):
-    """(class names, templates) of dataset `name` for a --prompts choice (docs/benchmarks.md), from
-    the names its layout gives; evaluation averages the templates, training uses the first."""
+    """(class names, templates) of dataset `name` for a --prompts choice (docs/benchmarks.md)."""
     names = [c.replace("_", " ") for c in classnames]
     if prompts == "ensemble":  # ZSCL's, plain names
         return names, list(ASSETS["mtil"][name]["templates"])
@@ -100,8 +93,7 @@ class Task:
     split: dict = field(default_factory=dict)  # your own tasks: how they were split
 
     def describe(self):
-        """What results.json records of a task: its classes and templates, the images trained on
-        (the few-shot set) and tested, and for your own tasks how they were split."""
+        """What results.json records of a task (train: the few-shot set's size)."""
         return {"name": self.name, "classnames": list(self.classnames),
                 "templates": list(self.templates), "test": len(self.test),
                 "train": None if self.train is None else len(self.train), **self.split}
@@ -122,8 +114,7 @@ class ImageSet(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = self.images[i]
         try:  # a missing, truncated, looping or non-image file: one line naming it
-            with (Image.fromarray(image) if isinstance(image, np.ndarray) else
-                  Image.open(image)) as f:
+            with (Image.fromarray if isinstance(image, np.ndarray) else Image.open)(image) as f:
                 img = f.convert("RGB")
         except OSError as e:
             raise DataError(f"{image} is not a readable image ({e}); replace or delete it")
@@ -136,18 +127,16 @@ class ImageSet(torch.utils.data.Dataset):
         return ImageSet(images, [self.labels[i] for i in idx], self.transform)
 
     def batches(self, batch_size, workers=0, pin=False, shuffle=None):
-        """(images, labels) batches, in order or shuffled by the generator `shuffle`, decoded in
-        `workers` loader processes; none for arrays in memory, where they cost more than they
-        save and, beside another busy process, slow both down many times."""
+        """(images, labels) batches, in order or shuffled by the generator `shuffle`. No workers
+        for arrays in memory: they cost more than they save, and slow a busy machine many times."""
         workers = 0 if isinstance(self.images, np.ndarray) else workers
         return torch.utils.data.DataLoader(self, batch_size, shuffle=shuffle is not None,
                                            generator=shuffle, num_workers=workers, pin_memory=pin,
                                            persistent_workers=workers > 0)
 
     def decoded(self, workers=0):
-        """This set with its files decoded once, in `workers` processes, into RGB uint8 arrays:
-        a few-shot set is read about a hundred times a task, and the decode cost more than the
-        random crop that still happens at every read. Same pixels, so the same crops follow."""
+        """This set, its files decoded once into RGB uint8 arrays (same pixels: same crops): a
+        few-shot set is read ~100 times a task, and decoding cost more than its random crops."""
         if isinstance(self.images, np.ndarray):
             return self
         rgb = ImageSet(self.images, self.labels, np.array)  # a copy: torch warns on a read-only one
@@ -209,8 +198,7 @@ def split_80_20(paths, labels):
 def few_shot(labels, k, seed, name):
     """Indices of k examples per class, seeded by (seed, name) only; sorted."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # hash() is salted per process
-    labels = np.asarray(labels)
-    picked = []
+    labels, picked = np.asarray(labels), []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         picked += rng.choice(members, size=k, replace=len(members) < k).tolist()
@@ -227,6 +215,10 @@ def _lines(path):
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _set(rows):  # (path, label) rows
+    return ImageSet([str(p) for p, _ in rows], [y for _, y in rows])
+
+
 def _labelled(train, test, classes):
     """classes, and the ImageSets of (path, name) pairs labelled by the name's index in classes."""
     index = {c: i for i, c in enumerate(classes)}
@@ -234,13 +226,11 @@ def _labelled(train, test, classes):
     if unknown:
         raise ValueError(f"class {unknown[0]!r} is listed but not among the {len(index)} classes "
                          "(the train list or the class list); is the download complete?")
-    return classes, *(ImageSet([str(p) for p, _ in pairs], [index[c] for _, c in pairs])
-                      for pairs in (train, test))
+    return classes, *(_set([(p, index[c]) for p, c in pairs]) for pairs in (train, test))
 
 
 def _image_folder(root, skip=()):
-    """torchvision's ImageFolder layout, root/<class>/<image>: (class folders, paths, labels),
-    sorted; an empty class folder raises (a class no image can teach or test)."""
+    """torchvision's ImageFolder root/<class>/<image>: (class folders, paths, labels), sorted."""
     classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir()
                      and c[0] not in "._")  # not .ipynb_checkpoints, __MACOSX
     if not classes:
@@ -249,7 +239,7 @@ def _image_folder(root, skip=()):
     for label, c in enumerate(classes):
         files = sorted(f for f in os.listdir(root / c)  # not macOS's "._x.jpg" companions
                        if f.lower().endswith(IMAGE_FILES) and f[0] != ".")
-        if not files:
+        if not files:  # a class no image can teach or test
             raise ValueError(f"the class folder {root / c} holds no image ({', '.join(IMAGE_FILES)}"
                              "); add images to it or delete it")
         paths += [str(root / c / f) for f in files]
@@ -266,26 +256,24 @@ def _class_folders(name, subdir, skip=()):
     return (name,), (subdir,), read
 
 
-def _loadmat(name):
-    # scipy reads Flowers102's and StanfordCars' .mat files (as for torchvision): imported only then
-    try:
+def _loadmat(name, path):
+    try:  # scipy reads Flowers102's and StanfordCars' .mat files (as for torchvision): only then
         from scipy.io import loadmat
     except ImportError:
         raise DataError(f"{name}: reading its .mat files needs scipy: pip install scipy") from None
-    return lambda path: loadmat(str(path), squeeze_me=True)
+    return loadmat(str(path), squeeze_me=True)
 
 
 def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_aircraft/
     classes = _lines(folder / "variants.txt")
     rows = [[line.split(" ", 1) for line in _lines(folder / f"images_variant_{split}.txt")]
             for split in ("train", "test")]
-    pairs = [[(folder / "images" / f"{r[0]}.jpg", r[1]) for r in rs] for rs in rows]
-    return _labelled(*pairs, classes)
+    return _labelled(*[[(folder / "images" / f"{r[0]}.jpg", r[1]) for r in rs] for rs in rows],
+                     classes)
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """CIFAR's files are pickles, which can run code: load only what they hold (dicts, lists,
-    strings, numbers and NumPy arrays), as weights_only does for torch files."""
+    """CIFAR's pickles could run code: load only dicts, lists, strings, numbers and arrays."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct")}
 
@@ -314,13 +302,12 @@ def _dtd(folder):  # partition 1
 
 
 def _flowers(folder):
-    loadmat = _loadmat("flowers")
-    labels = np.atleast_1d(loadmat(folder / "imagelabels.mat")["labels"]).astype(int) - 1
-    setid, sets = loadmat(folder / "setid.mat"), []
-    for key in ("trnid", "tstid"):  # image ids are 1-based
-        ids = np.atleast_1d(setid[key]).astype(int).tolist()
-        sets.append(ImageSet([str(folder / "jpg" / f"image_{i:05d}.jpg") for i in ids],
-                             [labels[i - 1] for i in ids]))
+    labels = _loadmat("flowers", folder / "imagelabels.mat")["labels"]
+    labels = np.atleast_1d(labels).astype(int) - 1
+    setid = _loadmat("flowers", folder / "setid.mat")
+    sets = [_set([(folder / "jpg" / f"image_{i:05d}.jpg", labels[i - 1])  # ids are 1-based
+                  for i in np.atleast_1d(setid[key]).astype(int).tolist()])
+            for key in ("trnid", "tstid")]
     return ASSETS["mtil"]["flowers"]["classnames"][:labels.max() + 1], *sets
 
 
@@ -348,20 +335,17 @@ def _pets(folder):
         rows = [line.split() for line in _lines(folder / "annotations" / f"{split}.txt")]
         for r in rows:  # torchvision's names: "great_pyrenees_12" -> "Great Pyrenees"
             breeds[int(r[1]) - 1] = " ".join(p.title() for p in r[0].rsplit("_", 1)[0].split("_"))
-        sets.append(ImageSet([str(folder / "images" / f"{r[0]}.jpg") for r in rows],
-                             [int(r[1]) - 1 for r in rows]))
+        sets.append(_set([(folder / "images" / f"{r[0]}.jpg", int(r[1]) - 1) for r in rows]))
     return [breeds[i] for i in range(len(breeds))], *sets
 
 
 def _cars(folder):
-    loadmat, sets = _loadmat("cars"), []
-    classes = np.atleast_1d(loadmat(folder / "devkit" / "cars_meta.mat")["class_names"]).tolist()
-    for mat, images in (("devkit/cars_train_annos.mat", "cars_train"),
-                        ("cars_test_annos_withlabels.mat", "cars_test")):
-        annos = np.atleast_1d(loadmat(folder / mat)["annotations"])
-        sets.append(ImageSet([str(folder / images / str(a["fname"])) for a in annos],
-                             [int(a["class"]) - 1 for a in annos]))
-    return classes, *sets
+    classes = _loadmat("cars", folder / "devkit" / "cars_meta.mat")["class_names"]
+    sets = [_set([(folder / images / str(a["fname"]), int(a["class"]) - 1)
+                  for a in np.atleast_1d(_loadmat("cars", folder / mat)["annotations"])])
+            for mat, images in (("devkit/cars_train_annos.mat", "cars_train"),
+                                ("cars_test_annos_withlabels.mat", "cars_test"))]
+    return np.atleast_1d(classes).tolist(), *sets
 
 
 def _sun397(folder):
@@ -382,7 +366,7 @@ def _places365(folder):  # torchvision Places365(split="val"): the validation se
     if images is None:
         raise ValueError(f"no val_256/ (small=True) or val_large/ image folder in {folder}")
     rows = [line.split() for line in _lines(folder / "places365_val.txt")]  # "<file>.jpg 165"
-    return classes, None, ImageSet([str(images / r[0]) for r in rows], [int(r[1]) for r in rows])
+    return classes, None, _set([(images / r[0], int(r[1])) for r in rows])
 
 
 def _imagenet(folder):  # torchvision ImageNet(split="val"): val/<wnid>/*.JPEG, labels in wnid order
@@ -394,11 +378,10 @@ def _imagenet(folder):  # torchvision ImageNet(split="val"): val/<wnid>/*.JPEG, 
 
 
 def _coop(folders, dataset, image_dir, needs=()):
-    """A CoOp entry of LAYOUTS: folders (CoOp's name first), what one must hold, and the reader of
-    split_zhou_{dataset}.json: {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
+    """A CoOp entry of LAYOUTS: folders (CoOp's name first), what one must hold, the reader."""
     split_file = f"split_zhou_{dataset}.json"
 
-    def read(folder):
+    def read(folder):  # {"train"|"val"|"test": [[relpath, label, classname], ...]}
         try:
             split = json.loads((folder / split_file).read_text())
             names = {label: name for key in ("train", "test") for _, label, name in split[key]}
@@ -406,58 +389,53 @@ def _coop(folders, dataset, image_dir, needs=()):
             raise ValueError(f"{split_file} is not a CoOp split file ({e})") from None
         if sorted(names) != list(range(len(names))):
             raise ValueError(f"{split_file}: labels are not 0..{len(names) - 1}")
-        sets = [ImageSet([str(folder / image_dir / path) for path, _, _ in split[key]],
-                         [label for _, label, _ in split[key]]) for key in ("train", "test")]
-        return [names[i] for i in range(len(names))], *sets
+        return [names[i] for i in range(len(names))], *(_set(
+            [(folder / image_dir / path, label) for path, label, _ in split[key]])
+            for key in ("train", "test"))
     return folders, (split_file, *([image_dir] if image_dir else []), *needs), read
 
 
 # --- layouts: name -> (folders to try under --data-dir, what one must hold, its reader)
 _AIRCRAFT = ("variants.txt", "images_variant_train.txt", "images_variant_test.txt", "images")
-_MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-          "t10k-labels-idx1-ubyte")
-_CARS = ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat",
-         "cars_train", "cars_test")
-
+_SAME_LAYOUT = {  # CIFAR100 and MNIST as torchvision has them; Table 4's held-out validation sets
+    "cifar100": (("cifar-100-python",), ("train", "test", "meta"), _cifar100),
+    "mnist": (("MNIST/raw",), tuple(f"{split}-{part}-ubyte" for split in ("train", "t10k")
+                                    for part in ("images-idx3", "labels-idx1")), _mnist),
+    "places365": (("places365",), ("categories_places365.txt", "places365_val.txt"), _places365),
+    "imagenet": (("imagenet",), ("val",), _imagenet),
+}
 LAYOUTS = {
     "torchvision": {  # the folders torchvision 0.29's dataset classes create under their root
         "aircraft": (("fgvc-aircraft-2013b/data",), _AIRCRAFT, _aircraft),
         "caltech101": _class_folders("caltech101", "101_ObjectCategories", ("BACKGROUND_Google",)),
-        "cifar100": (("cifar-100-python",), ("train", "test", "meta"), _cifar100),
         "dtd": (("dtd/dtd",), ("labels/train1.txt", "labels/test1.txt", "images"), _dtd),
         "eurosat": _class_folders("eurosat", "2750"),
         "flowers": (("flowers-102",), ("imagelabels.mat", "setid.mat", "jpg"), _flowers),
         "food": (("food-101",), ("meta/train.json", "meta/test.json", "images"), _food),
-        "mnist": (("MNIST/raw",), _MNIST, _mnist),
         "pets": (("oxford-iiit-pet",), ("annotations/trainval.txt", "annotations/test.txt",
                                         "images"), _pets),
-        "cars": (("stanford_cars",), _CARS, _cars),
-        "sun397": (("SUN397",), ("ClassName.txt",), _sun397),
-    },  # + the held-out datasets of Table 4, below
-    "coop": {  # CoOp's DATASETS.md; CIFAR100 and MNIST as torchvision has them
+        "cars": (("stanford_cars",), ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
+                                      "cars_test_annos_withlabels.mat", "cars_train", "cars_test"),
+                 _cars),
+        "sun397": (("SUN397",), ("ClassName.txt",), _sun397), **_SAME_LAYOUT,
+    },
+    "coop": {  # CoOp's DATASETS.md
         "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT, _aircraft),
         "caltech101": _coop(("caltech-101", "caltech101"), "Caltech101", "101_ObjectCategories"),
-        "cifar100": (("cifar-100-python",), ("train", "test", "meta"), _cifar100),
         "dtd": _coop(("dtd", "dtd/dtd"), "DescribableTextures", "images"),
         "eurosat": _coop(("eurosat", "EuroSAT"), "EuroSAT", "2750"),
         "flowers": _coop(("oxford_flowers", "flowers-102"), "OxfordFlowers", "jpg"),
         "food": _coop(("food-101", "food101"), "Food101", "images"),
-        "mnist": (("MNIST/raw",), _MNIST, _mnist),
         "pets": _coop(("oxford_pets", "oxford-iiit-pet"), "OxfordPets", "images"),
         # its paths start with cars_{train,test}/
         "cars": _coop(("stanford_cars",), "StanfordCars", "", ("cars_train", "cars_test")),
-        "sun397": _coop(("sun397",), "SUN397", "SUN397"),
+        "sun397": _coop(("sun397",), "SUN397", "SUN397"), **_SAME_LAYOUT,
     },
 }
-for _layout in LAYOUTS.values():  # Table 4's held-out validation sets: one layout for both
-    _layout["places365"] = (("places365",), ("categories_places365.txt", "places365_val.txt"),
-                            _places365)
-    _layout["imagenet"] = (("imagenet",), ("val",), _imagenet)
-
-_TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101",
-                      "cifar100": "CIFAR100", "dtd": "DTD", "eurosat": "EuroSAT",
-                      "flowers": "Flowers102", "food": "Food101", "mnist": "MNIST",
-                      "pets": "OxfordIIITPet", "sun397": "SUN397"}  # cars: none
+_TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101", "dtd": "DTD",
+                      "cifar100": "CIFAR100", "eurosat": "EuroSAT", "flowers": "Flowers102",
+                      "food": "Food101", "mnist": "MNIST", "pets": "OxfordIIITPet",
+                      "sun397": "SUN397"}  # cars: none
 _DOWNLOADABLE = {"torchvision": set(_TORCHVISION_CLASS), "coop": {"aircraft", "cifar100", "mnist"}}
 
 
@@ -511,20 +489,16 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
         where, needs, _ = LAYOUTS[layout][name]
         return next((data_dir / f for f in where
                      if all((data_dir / f / p).exists() for p in needs)), None)
-
     # 1. every dataset is there
-    folders, missing = {}, []
+    folders, errors = {}, {}
     for name in names:
-        folders[name], error = find(name), None
-        if folders[name] is None and download and name in _DOWNLOADABLE[layout]:
-            error = _download(name, data_dir)
-            folders[name] = find(name)
-        if folders[name] is None:
-            missing.append(_missing(name, layout, data_dir, error))
+        if find(name) is None and download and name in _DOWNLOADABLE[layout]:
+            errors[name] = _download(name, data_dir)
+        folders[name] = find(name)
+    missing = [_missing(n, layout, data_dir, errors.get(n)) for n in names if folders[n] is None]
     if missing:
         also = ", ".join(m.split(":")[0] for m in missing[1:])
         raise DataError(missing[0] + (f" (also missing: {also})" if also else ""))
-
     # 2. every dataset indexes (file lists, split files, label arrays; no image is decoded)
     tasks = []
     for name in names:
@@ -535,18 +509,16 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
             detail = " ".join(f"{type(e).__name__}: {e}".split())
             raise DataError(f"{name}: cannot index {folder}: {detail}") from e
         for part, s in (("train", train), ("test", test)):
-            if s is None:  # a held-out dataset's: no training images are read
-                continue
-            if len(s) == 0:
+            if s is not None and len(s) == 0:  # None: a held-out dataset's (no training images)
                 raise DataError(f"{name}: no {part} images found in {folder}")
-            for p in [] if isinstance(s.images, np.ndarray) else s.images:  # a stat each
+            for p in [] if s is None or isinstance(s.images, np.ndarray) else s.images:  # a stat
                 if not os.path.isfile(p):
                     raise DataError(f"{name}: {p} is listed but missing; {folder} is incomplete")
         found = (len(classnames), None if train is None else len(train), len(test))
-        known = SIZES[layout][name]
-        if found != known:  # another version on disk: say so and go on
+        if found != SIZES[layout][name]:  # another version on disk: say so and go on
             say = "{} classes, {} train and {} test images".format
-            print(f"warning: {name} ({layout} layout) has {say(*found)}; expected {say(*known)}")
+            print(f"warning: {name} ({layout} layout) has {say(*found)}; expected "
+                  + say(*SIZES[layout][name]))
         classnames, templates = class_prompts(name, classnames, prompts or cfg["prompts"])
         if shots and train is not None:
             train = train.subset(few_shot(train.labels, shots, seed, name))
@@ -555,49 +527,44 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
 
 
 # --- your own tasks (docs/own_tasks.md): one folder per task, in torchvision's ImageFolder layout
-def _split_per_class(folder, classes, paths, labels):
-    """80/20 in each class, drawn from (SPLIT_SEED, "<task>/<class>") only: moving the folders,
-    adding a class or a task moves no image between train and test. (train, test ImageSets)"""
-    labels, train = np.asarray(labels), set()
-    for c, name in enumerate(classes):
-        members = np.flatnonzero(labels == c)
-        if len(members) < 2:
-            raise ValueError(f"the class folder {folder / name} holds one image; an 80/20 split "
-                             "needs two: add images, or give the task train/ and test/ folders")
-        rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(f"{folder.name}/{name}".encode())])
-        train.update(rng.permutation(members)[:int(0.8 * len(members))].tolist())
-    full = ImageSet(paths, labels)
-    return full.subset(sorted(train)), full.subset(i for i in range(len(paths)) if i not in train)
-
-
 def _folder_task(folder, shots, seed):
     """One task folder: train/ and test/ (or val/), each <class>/<image>, else <class>/<image>
     split 80/20; names from the class folders or classnames.txt, templates from templates.txt."""
     splits = [s for s in ("train", "test", "val") if (folder / s).is_dir()]
-    if splits[:1] == ["train"] and len(splits) > 1:
+    if splits and (splits[0] != "train" or len(splits) == 1):
+        raise ValueError(f"{folder} has {'/ and '.join(splits)}/ but needs train/ and test/ (or "
+                         f"val/): add the missing one, or put the classes in {folder} (80/20)")
+    if splits:
         classes, paths, labels = _image_folder(folder / "train")
         tested, test_paths, test_labels = _image_folder(folder / splits[1])
         if extra := [c for c in tested if c not in classes]:
             raise ValueError(f"the class folder {folder / splits[1] / extra[0]} has no match in "
                              f"{folder / 'train'}; add its training images there or remove it")
-        train, test = ImageSet(paths, labels), ImageSet(test_paths, [classes.index(tested[y])
-                                                                     for y in test_labels])
+        train = ImageSet(paths, labels)
+        test = ImageSet(test_paths, [classes.index(tested[y]) for y in test_labels])
         split = {"split": f"train/ and {splits[1]}/"}
-    elif splits:
-        raise ValueError(f"{folder} has {'/ and '.join(splits)}/ but needs train/ and test/ (or "
-                         f"val/): add the missing one, or put the classes in {folder} (80/20)")
-    else:
+    else:  # 80/20 in each class, drawn from (SPLIT_SEED, "<task>/<class>") only: moving the
+        # folders, adding a class or a task moves no image between train and test
         classes, paths, labels = _image_folder(folder)
-        train, test = _split_per_class(folder, classes, paths, labels)
+        labels, chosen = np.asarray(labels), set()
+        for c, name in enumerate(classes):
+            members = np.flatnonzero(labels == c)
+            if len(members) < 2:
+                raise ValueError(f"the class folder {folder / name} holds one image; an 80/20 "
+                                 "split needs two: add images, or give the task train/ and test/ "
+                                 "folders")
+            rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(f"{folder.name}/{name}".encode())])
+            chosen.update(rng.permutation(members)[:int(0.8 * len(members))].tolist())
+        full = ImageSet(paths, labels)
+        train = full.subset(sorted(chosen))
+        test = full.subset(i for i in range(len(paths)) if i not in chosen)
         split = {"split": "80/20 per class", "split_seed": SPLIT_SEED}
-    names = [c.replace("_", " ").replace("-", " ") for c in classes]
-    if (folder / "classnames.txt").is_file():
-        names = _lines(folder / "classnames.txt")
-        if len(names) != len(classes):
-            raise ValueError(f"{folder / 'classnames.txt'} names {len(names)} classes, the folders "
-                             f"{len(classes)}: write one name a line, in the folders' sorted order")
-    templates = (_lines(folder / "templates.txt") if (folder / "templates.txt").is_file()
-                 else ["a photo of a {}."])
+    names, templates = (_lines(folder / f) if (folder / f).is_file() else None
+                        for f in ("classnames.txt", "templates.txt"))
+    if names is not None and len(names) != len(classes):
+        raise ValueError(f"{folder / 'classnames.txt'} names {len(names)} classes, the folders "
+                         f"{len(classes)}: write one name a line, in the folders' sorted order")
+    templates = ["a photo of a {}."] if templates is None else templates
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"{folder / 'templates.txt'}: write one template a line, each with {{}} "
                          "where the class name goes")
@@ -605,14 +572,14 @@ def _folder_task(folder, shots, seed):
           f"images ({split['split']})" + (f", {shots} shots" if shots else ""))
     split["train_images"] = len(train)  # before the few-shot draw
     train = train.subset(few_shot(train.labels, shots, seed, folder.name)) if shots else None
+    names = names or [c.replace("_", " ").replace("-", " ") for c in classes]
     return Task(folder.name, names, templates, train, test, split)
 
 
 def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
     """Your own tasks, (tasks, held-out tasks): the task folders `names` of data_dir in that order
     (default: all but `holdout`, sorted), train sets `shots`-shot (None: none), and the `holdout`
-    ones without. Prints each one's size; a problem raises DataError, one line naming the file and
-    what to do."""
+    ones without. Prints each one's size; a problem raises DataError naming the file and the fix."""
     data_dir = Path(data_dir).expanduser()
     found = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and d.name[0] not in "._"
                    ) if data_dir.is_dir() else []

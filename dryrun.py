@@ -1,7 +1,7 @@
 """The dry run (`python bench.py --sequence mtil|xtail`): `train.py` end to end on a synthetic copy
 of the benchmark (its real on-disk layout, class counts and split sizes, JPEGs of each dataset's
-typical size, written once) with random weights in OpenAI's archive format; a table of every
-phase. Its writers are also the tests' fake datasets and fake OpenAI archives (tests/)."""
+typical size, written once) with random fp16 weights; a table of every phase. Its dataset writer
+also makes the tests' fake datasets (tests/)."""
 import json
 import os
 import pickle
@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 import zlib
 from pathlib import Path
 
@@ -29,19 +28,20 @@ PIXELS = dict(aircraft=(1000, 700), caltech101=(300, 200), dtd=(500, 500), euros
 ITERATIONS, BATCH = 500, 64  # train.py's recipe for MTIL and X-TAIL
 
 
-# --- the writers: a dataset in either layout, an OpenAI archive
+# --- the writers: a dataset in either layout
 def jpeg(rng, size, path):
-    """A JPEG of `size` (w, h) that compresses (~0.4 byte per pixel at quality 90) and decodes
-    like a photo: random colours smoothly upsampled, plus noise."""
+    """A (w, h) JPEG that compresses (~0.4 byte/pixel at quality 90) and decodes like a photo."""
     small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-    pixels = np.asarray(small.resize(size, Image.BICUBIC), np.float32)
-    pixels += rng.normal(0, 12, pixels.shape)
+    pixels = np.asarray(small.resize(size, Image.BICUBIC), np.float32)  # smooth colours
+    pixels += rng.normal(0, 12, pixels.shape)  # plus noise
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
 def write(path, content):
+    """bytes, text or a list of lines into path, its folders made."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    content = "".join(row + "\n" for row in content) if isinstance(content, list) else content
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
@@ -73,9 +73,6 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
     def rows(pattern, s):  # pattern formatted for each image of split s
         return [pattern.format(s=s, i=i, c=c + 1, f=folders[c]) for i, c in split[s]]
 
-    def lines(rows):
-        return "".join(row + "\n" for row in rows)
-
     if name == "mnist":
         for s, prefix in (("train", "train"), ("test", "t10k")):
             labels = np.array([c for _, c in split[s]], np.uint8)
@@ -96,21 +93,21 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
         images([d / ("" if name == "cars" else needs[1]) / path for s in split
                 for path, _, _ in items[s]])
     elif name == "aircraft":
-        write(d / "variants.txt", lines(folders))
+        write(d / "variants.txt", list(folders))
         for s in split:
-            write(d / f"images_variant_{s}.txt", lines(rows("{s}{i:07d} {f}", s)))
+            write(d / f"images_variant_{s}.txt", rows("{s}{i:07d} {f}", s))
             images([d / "images" / f"{s}{i:07d}.jpg" for i, _ in split[s]])
     elif name in ("caltech101", "eurosat", "sun397"):  # class folders, split 80/20 by the reader
         pattern = {"caltech101": "101_ObjectCategories/{f}/image_{s}{i:05d}.jpg",
                    "eurosat": "2750/{f}/{f}_{s}{i}.jpg", "sun397": "{f}/sun_{s}{i}.jpg"}[name]
         if name == "sun397":
-            write(d / "ClassName.txt", lines("/" + f for f in folders))
+            write(d / "ClassName.txt", ["/" + f for f in folders])
         if name == "caltech101":  # skipped by the reader, as torchvision does
             images([d / "101_ObjectCategories/BACKGROUND_Google/image_0001.jpg"])
         images([d / path for s in split for path in rows(pattern, s)])
     elif name == "dtd":
         for s in split:
-            write(d / f"labels/{s}1.txt", lines(rows("{f}/{f}_{s}{i}.jpg", s)))
+            write(d / f"labels/{s}1.txt", rows("{f}/{f}_{s}{i}.jpg", s))
             images([d / "images" / path for path in rows("{f}/{f}_{s}{i}.jpg", s)])
     elif name == "flowers":  # images 1..N, the train split first; labels by image id
         n = len(split["train"])
@@ -130,7 +127,7 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
             images([d / "images" / f"{path}.jpg" for paths in meta.values() for path in paths])
     elif name == "pets":  # "<breed>_<n> <class id> <species> <breed id>"
         for s, f in (("train", "trainval"), ("test", "test")):
-            write(d / f"annotations/{f}.txt", lines(rows("{f}_{s}{i} {c} 1 {c}", s)))
+            write(d / f"annotations/{f}.txt", rows("{f}_{s}{i} {c} 1 {c}", s))
             images([d / "images" / f"{row.split()[0]}.jpg" for row in rows("{f}_{s}{i}", s)])
     elif name == "cars":
         (d / "devkit").mkdir(parents=True, exist_ok=True)
@@ -144,48 +141,13 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
             images([d / f"cars_{s}/{i:05d}.jpg" for i, _ in split[s]])
 
 
-class Holder(torch.nn.Module):  # a TorchScript module that only holds tensors
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def write_openai_archive(sd, path):
-    """Write a CLIP state dict as OpenAI ships theirs (clip_model.load reads both alike): a
-    TorchScript archive of fp16 tensors, q, k and v packed into in_proj, three integer entries.
-    Returns the state dict it wrote."""
-    sd = dict(sd)
-    for q in [k for k in sd if ".q_proj." in k]:
-        prefix, kind = q.split(".q_proj.")
-        sd[f"{prefix}.in_proj_{kind}"] = torch.cat([sd.pop(f"{prefix}.{x}_proj.{kind}")
-                                                    for x in "qkv"])
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    grid = round((len(sd["visual.positional_embedding"]) - 1) ** 0.5)  # patches per side
-    sd.update(input_resolution=torch.tensor(grid * sd["visual.conv1.weight"].shape[-1]),
-              context_length=torch.tensor(len(sd["positional_embedding"])),
-              vocab_size=torch.tensor(len(sd["token_embedding.weight"])))
-    holder = Holder()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        module = holder
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, Holder())
-            module = getattr(module, name)
-        module.register_buffer(leaf, value)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript: deprecated, OpenAI's format
-        torch.jit.save(torch.jit.script(holder), path)
-    return sd
-
-
 # --- the dry run: the synthetic benchmark on disk, train.py on it, every phase timed
 def sizes(sequence, scale):
     """{dataset: (classes, train images, test images)}: the real ones (data.SIZES, in the
     sequence's default layout) times scale, each split at least one image per class."""
     known = data.SIZES[data.BENCHMARKS[sequence]["layout"]]
-    return {name: (known[name][0], *(max(known[name][0], round(n * scale))
-                                     for n in known[name][1:]))
-            for name in data.BENCHMARKS[sequence]["datasets"]}
+    return {name: (C, *(max(C, round(n * scale)) for n in known[name][1:]))
+            for name in data.BENCHMARKS[sequence]["datasets"] for C in [known[name][0]]}
 
 
 def class_names(name, C):
@@ -213,13 +175,11 @@ def peak_mb(cuda):
 
 def clock(fn, cuda, host=False):
     """(fn(), seconds, peak MB: on CUDA the call's GPU memory unless host; else the process's)."""
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if cuda else None
     began = time.perf_counter()
     result = fn()
     torch.cuda.synchronize() if cuda else None
-    host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result, time.perf_counter() - began, host_mb if host else peak_mb(cuda)
+    return result, time.perf_counter() - began, peak_mb(cuda and not host)
 
 
 def main(args, device, size, config):
@@ -236,19 +196,18 @@ def main(args, device, size, config):
         once.append(("synthetic benchmark", clock(
             lambda: write_benchmark(home, args.sequence, args.scale), cuda, host=True)[1]))
     if not weights.exists():
-        def write_weights():
+        def write_weights():  # a state dict in fp16, as OpenAI ships CLIP
             torch.manual_seed(0)
+            sd = clip_model.CLIP(**config).state_dict()
             weights.parent.mkdir(parents=True, exist_ok=True)
             with clip_model.atomic(str(weights)) as tmp:
-                write_openai_archive(clip_model.CLIP(**config).state_dict(), tmp)
+                torch.save({k: v.half() for k, v in sd.items()}, tmp)
         once.append((f"random {size} weights", clock(write_weights, cuda)[1]))
-
     # what train.py's set-up does but does not time apart: indexing, the test-image cache build
     tasks, *index = clock(lambda: data.load_tasks(args.sequence, home / "data"), cuda, host=True)
     shutil.rmtree(home / "eval-cache", ignore_errors=True)  # so that the build is timed each time
     _, *cache = clock(lambda: data.prepare(tasks, config["image_resolution"],
                                            str(home / "eval-cache"), args.workers), cuda, True)
-
     # train.py itself, its output in a log
     cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--setting", args.sequence,
            "--data-dir", str(home / "data"), "--model", str(weights), "--out", str(out),
@@ -265,17 +224,19 @@ def main(args, device, size, config):
                  + (out / "train.log").read_text()[-3000:])
     res = json.loads((out / "results.json").read_text())
     report(res, tasks, {"index": index, "cache": cache}, wall, out, cuda)
-    print(f"model: CLIP {size}, random weights, loaded from a TorchScript archive in OpenAI's "
-          f"format; {'written once (outside the totals): ' if once else 'already on disk: '}"
+    print(f"model: CLIP {size}, random weights; "
+          f"{'written once (outside the totals): ' if once else 'already on disk: '}"
           + (", ".join(f"{what} {s:.0f} s" for what, s in once) or f"data and weights in {root}"))
+
+
 def report(res, tasks, apart, wall, out, cuda):
     """The table of phases (projected to the real sequence when scaled down), a row per task,
     and the run's own results.json. apart: {phase: (seconds, peak MB)} timed in this process."""
-    times, T = res["seconds"], len(res["seconds"])
+    times, T, setup_s = res["seconds"], len(res["seconds"]), res["setup_seconds"]
     its, B = res["args"]["iterations"], res["args"]["batch_size"]
     real = sizes(res["setting"], 1.0).values()
-    n_test, n_files = sum(len(t.test) for t in tasks), sum(len(t.train) for t in tasks)
-    n_files += n_test
+    n_test = sum(len(t.test) for t in tasks)
+    n_files = n_test + sum(len(t.train) for t in tasks)
     real_files, real_test = sum(tr + te for _, tr, te in real), sum(te for *_, te in real)
     prompts = sum(len(t.classnames) * len(t.templates) for t in tasks)
     total = {k: sum(s.get(k, 0) for s in times)
@@ -285,7 +246,6 @@ def report(res, tasks, apart, wall, out, cuda):
     peak = {k: max(s[f"{k}_peak_mb"] for s in times) if cuda else rss
             for k in ("text", "steps", "train", "eval", "checkpoint")}
     ckpt_mb = os.path.getsize(out / "checkpoint.pt") / 2**20
-    setup_s = res["setup_seconds"]
     rows = [  # (phase, count, seconds, peak MB, the count in the real sequence; None: the same)
         ("test-image cache build (timed in bench)", n_test, *apart["cache"], real_test),
         (f"set-up: indexing {T} datasets (timed in bench)", n_files, *apart["index"], real_files),

@@ -3,6 +3,7 @@ random weights -> same features; OpenAI's file formats; OpenAI's token ids; one-
 import hashlib
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -13,11 +14,44 @@ import open_clip  # test-only: the independent reference (requirements-test.txt)
 from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
 
 import clip_model
-from dryrun import write_openai_archive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY, B16 = clip_model.CONFIGS["tiny"], clip_model.CONFIGS["ViT-B/16"]
 PROMPTS = ["a photo of a dog.", "a photo of a 707-320, a type of aircraft.", "it's 2024"]
+
+
+class Holder(torch.nn.Module):  # a TorchScript module that only holds tensors
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def write_openai_archive(sd, path):
+    """Write a CLIP state dict as OpenAI ships theirs (clip_model.load reads both alike): a
+    TorchScript archive of fp16 tensors, q, k and v packed into in_proj, three integer entries.
+    Returns the state dict it wrote."""
+    sd = dict(sd)
+    for q in [k for k in sd if ".q_proj." in k]:
+        prefix, kind = q.split(".q_proj.")
+        sd[f"{prefix}.in_proj_{kind}"] = torch.cat([sd.pop(f"{prefix}.{x}_proj.{kind}")
+                                                    for x in "qkv"])
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    grid = round((len(sd["visual.positional_embedding"]) - 1) ** 0.5)  # patches per side
+    sd.update(input_resolution=torch.tensor(grid * sd["visual.conv1.weight"].shape[-1]),
+              context_length=torch.tensor(len(sd["positional_embedding"])),
+              vocab_size=torch.tensor(len(sd["token_embedding.weight"])))
+    holder = Holder()
+    for key, value in sd.items():
+        *parents, leaf = key.split(".")
+        module = holder
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript: deprecated, OpenAI's format
+        torch.jit.save(torch.jit.script(holder), path)
+    return sd
 
 
 def reference_pair(cfg, seed=0):
