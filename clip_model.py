@@ -58,12 +58,15 @@ class Tokenizer:
                 best = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, float("inf")))
                 if best not in self.ranks:
                     break
-                # every occurrence of `best`, left to right, no overlap (no part holds a space)
-                pair = rf"(?<!\S){regex.escape(best[0])} {regex.escape(best[1])}(?!\S)"
-                parts = regex.sub(pair, lambda _: "".join(best), " ".join(parts)).split(" ")
+                i = 0
+                while i < len(parts) - 1:  # every occurrence of `best`, left to right, no overlap
+                    if (parts[i], parts[i + 1]) == best:
+                        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+                    i += 1
             self.cache[word] = [self.encoder[p] for p in parts]
         return self.cache[word]
 
+    @functools.cache  # evaluation tokenizes every class prompt again after every task
     def encode(self, text):
         """ids of a text, without start and end tokens."""
         text = html.unescape(html.unescape(ftfy.fix_text(text)))  # some are escaped twice
