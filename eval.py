@@ -1,10 +1,6 @@
-"""Evaluate CLIP on a continual-learning setting, and the paper's metrics. train.py evaluates
-with these functions after every task; run alone, this script writes one row (zero-shot).
-
-    python eval.py                                              # the tiny world's CLIP
-    python eval.py --setting mtil --data-dir ~/data             # OpenAI CLIP, MTIL
-    python eval.py --setting xtail --model out/xtail-codyra/checkpoint.pt
-"""
+"""Evaluate CLIP on a continual-learning setting, and the paper's metrics: train.py evaluates
+with these after every task; run alone (python eval.py --setting mtil --data-dir ~/data, --model
+out/xtail-codyra/checkpoint.pt), this script writes one row: zero-shot, or a checkpoint's."""
 import argparse
 import fcntl
 import json
@@ -25,41 +21,22 @@ SETTINGS = {**data.BENCHMARKS, "tiny": tiny_world.BENCHMARK, "folders": data.FOL
 
 
 # --- metrics (ZSCL and RAIL's). acc[t][j]: top-1 accuracy (%) on dataset j after training task t
-def transfer(acc):
-    """Zero-shot transfer: for each dataset j > 0, the mean of A[t, j] over the rows t < j."""
-    per = [sum(row[j] for row in acc[:j]) / len(acc[:j]) for j in range(1, len(acc[0]))]
-    return (sum(per) / len(per) if per else None), [None] + per  # one dataset: no transfer
-
-
-def average(acc):
-    """For each dataset, the mean over all rows (every evaluation of the sequence)."""
-    per = [sum(col) / len(col) for col in zip(*acc)]
-    return sum(per) / len(per), per
-
-
-def last(acc):
-    """The accuracy on each dataset after the last task."""
-    per = list(acc[-1])
-    return sum(per) / len(per), per
-
-
 def compute_metrics(acc):
-    return {name: dict(zip(("mean", "per_dataset"), fn(acc)))
-            for name, fn in (("transfer", transfer), ("average", average), ("last", last))}
+    """Transfer (over the rows above the diagonal), Average (all rows), Last: mean, per dataset."""
+    per = {"transfer": [sum(row[j] for row in acc[:j]) / len(acc[:j])
+                        for j in range(1, len(acc[0]))],
+           "average": [sum(col) / len(col) for col in zip(*acc)], "last": list(acc[-1])}
+    return {name: {"mean": sum(v) / len(v) if v else None,
+                   "per_dataset": [None] * (name == "transfer") + v} for name, v in per.items()}
 
 
 def format_row(label, values):
     return f"{label:<10}" + "".join(f"{'-' if v is None else f'{v:.1f}':>7}" for v in values)
 
 
-def format_header(datasets, label=""):
-    return f"{label:<10}" + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"
-
-
 def format_rows(datasets, rows, label=""):
-    """A header, then each (name, accuracy per dataset) row with its mean: the paper's Table 4
-    (held-out datasets), eval.py's one row, the accuracy matrix (format_matrix)."""
-    return "\n".join([format_header(datasets, label)] + [
+    """A header, then each (name, accuracy per dataset) row with its mean."""
+    return "\n".join([f"{label:<10}" + "".join(f"{d[:6]:>7}" for d in datasets) + "   mean"] + [
         format_row(name, row + [sum(row) / len(row)]) for name, row in rows])
 
 
@@ -70,13 +47,12 @@ def format_matrix(acc, datasets, zero_shot=None):
 
 
 def format_table(metrics, datasets, zero_shot=None):
-    """The paper's table: Transfer, Average and Last rows, one column per dataset, and the mean;
-    with the zero-shot model's means beside (the metrics of its row, as the paper's)."""
-    rows = [format_row(name.capitalize(), metrics[name]["per_dataset"] + [metrics[name]["mean"]])
-            + (f"   (zero-shot {zero_shot[name]['mean']:.1f})"
-               if zero_shot and zero_shot[name]["mean"] is not None else "")
-            for name in ("transfer", "average", "last")]
-    return "\n".join([format_header(datasets)] + rows)
+    """The paper's table of the metrics; beside, the zero-shot row's means (as the paper's)."""
+    return "\n".join([format_rows(datasets, [])] + [
+        format_row(name.capitalize(), metrics[name]["per_dataset"] + [metrics[name]["mean"]])
+        + (f"   (zero-shot {zero_shot[name]['mean']:.1f})"
+           if zero_shot and zero_shot[name]["mean"] is not None else "")
+        for name in ("transfer", "average", "last")])
 
 
 # --- evaluation
@@ -91,9 +67,9 @@ def class_features(model, classnames, templates, device):
 
 @torch.no_grad()
 def image_features(encode, images, device, batch_size, workers):
-    """(N, E) normalised image features and (N,) labels of a whole test set; encode: (B, 3, R, R)
-    normalised images -> (B, E), a model's encode_image or a frozen copy of its visual tower."""
+    """(N, E) normalised features (encode: images -> (B, E)) and (N,) labels of a test set."""
     feats, labels = [], []
+    batch_size = batch_size or (1024 if device.type == "cuda" else 256)  # --eval-batch-size's
     for x, y in images.batches(batch_size, workers, pin=device.type == "cuda"):
         x = clip_model.normalize(x.to(device, non_blocking=True))  # (B, 3, R, R)
         feats.append(F.normalize(encode(x).float(), dim=-1))
@@ -101,34 +77,23 @@ def image_features(encode, images, device, batch_size, workers):
     return torch.cat(feats), torch.cat(labels)
 
 
-def eval_batch_size(flag, device):
-    """--eval-batch-size, or its default: 1024 on CUDA, 256 on CPU."""
-    return flag or (1024 if device.type == "cuda" else 256)
-
-
 @torch.no_grad()
 def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None, keep=None):
-    """Top-1 accuracy (%) on every task's test set: one row of the accuracy matrix. union False:
-    each image among its own task's classes (MTIL); True: among all tasks' classes, its target
-    offset by the classes of the tasks before (X-TAIL). times: gets the seconds of the class text
-    features ("eval_text"); keep: gets per task the (N,) predicted labels ("predictions", CPU;
-    union: minus the task's offset) and the (N, E) image features ("features")."""
-    batch_size = eval_batch_size(batch_size, device)
-    was_training = model.training
+    """Top-1 accuracy (%) on every task's test set (a row of the accuracy matrix), each image among
+    all tasks' classes if union (X-TAIL), else its own task's. times: gets the text's seconds
+    ("eval_text"); keep: per task the (N,) predictions (CPU) and (N, E) image features."""
+    was_training, began = model.training, time.time()
     model.eval()
-    began = time.time()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
     if times is not None:
         if device.type == "cuda":
             torch.cuda.synchronize()  # the GPU's work too
         times["eval_text"] = time.time() - began
-    every_class = torch.cat(texts)  # (sum of C, E): the union label space
-    row = []
+    every_class, row = torch.cat(texts), []  # (sum of C, E): the union label space
     for task, text, offset in zip(tasks, texts, data.union_offsets(tasks)):
         img, labels = image_features(model.encode_image, task.test, device, batch_size, workers)
         with torch.autocast(device.type, enabled=False):  # NOTE: bf16 scores would tie near classes
-            scores = img @ (every_class if union else text).T
-        pred = scores.argmax(-1) - (offset if union else 0)
+            pred = (img @ (every_class if union else text).T).argmax(-1) - (offset if union else 0)
         row.append(100.0 * (pred == labels).float().mean().item())
         if keep is not None:
             keep.setdefault("predictions", []).append(pred.cpu())
@@ -138,24 +103,17 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None
 
 
 # --- what train.py and this script share: flags, the setting's tasks and model, device, files
-class Parser(argparse.ArgumentParser):
-    """argparse that shows every default in --help and refuses a flag in one line."""
-
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=_DefaultsShown)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)": such help says what it means
         hidden = action.default is None or action.default is False
         return action.help if hidden else super()._get_help_string(action)
 
 
-def add_arguments(p):
-    """The flags of both scripts, in groups data, model, system; returns the groups by title."""
+def parser(description):
+    """argparse with the flags of both scripts, and its groups data, model, system by title: it
+    shows every default in --help and refuses a flag in one line."""
+    p = argparse.ArgumentParser(description=description, formatter_class=_DefaultsShown)
+    p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")
     groups = {title: p.add_argument_group(title) for title in ("data", "model", "system")}
     group = groups["data"]
     group.add_argument("--setting", choices=sorted(SETTINGS), default="tiny", help="task sequence:"
@@ -171,10 +129,9 @@ def add_arguments(p):
     group.add_argument("--eval-style", choices=["task-aware", "union"],
                        help="each image among its own dataset's classes (MTIL) or among all "
                             "datasets' classes (X-TAIL); default: the setting's")
-    group.add_argument("--holdout", help="comma-separated datasets never trained, evaluated "
-                       "before the first task and after the last (Table 4): "
-                       f"{','.join(data.HOLDOUT)}; 'none'; default: tiny "
-                       f"{','.join(tiny_world.HOLDOUT)}, others none")
+    group.add_argument("--holdout", help="comma-separated datasets never trained, evaluated before "
+                       f"the first task and after the last (Table 4): {','.join(data.HOLDOUT)}; "
+                       f"'none'; default: tiny {','.join(tiny_world.HOLDOUT)}, others none")
     groups["model"].add_argument("--model", help="OpenAI model name (default ViT-B/16), weight "
                                  "file, checkpoint.pt, transformers or open_clip folder, "
                                  "hf-hub:<id> (docs/checkpoints.md), or tiny: the shipped 32 px "
@@ -192,12 +149,14 @@ def add_arguments(p):
                        help="loader processes decoding image files (the cores, at most 8)")
     group.add_argument("--cache-dir", default="~/.cache/codyra/eval", help="test images decoded "
                        "once as uint8 (150 KB each, ~15 GB for MTIL); 'none': at every evaluation")
-    return groups
+    return p, groups
 
 
-def check_arguments(p, args):
-    """Validate the shared flags right after parsing, and fill in the setting's evaluation."""
-    known = SETTINGS[args.setting]["datasets"]
+def check_arguments(p, args, run):
+    """Validate the shared flags; fill in --out (out/<setting>-<run>) and the setting's defaults."""
+    args.out = args.out or os.path.join("out", f"{args.setting}-{run}")
+    cfg = SETTINGS[args.setting]  # the setting's evaluation, where no flag says otherwise
+    known = cfg["datasets"]
     args.datasets = args.datasets and args.datasets.split(",")
     if known and any(d not in known for d in args.datasets or ()):  # folders: when read
         p.error(f"--datasets {','.join(args.datasets)}: --setting {args.setting} has "
@@ -206,48 +165,40 @@ def check_arguments(p, args):
         p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
     if args.setting in ("tiny", "folders") and (args.layout or args.prompts):
         p.error(f"--layout and --prompts are for mtil and xtail, not {args.setting}")
-    holdout = {"tiny": tiny_world.HOLDOUT}.get(args.setting, ())
-    args.holdout = [] if args.holdout == "none" else (
-        args.holdout.split(",") if args.holdout else list(holdout))
-    trained = args.datasets or known
+    args.holdout = [] if args.holdout == "none" else args.holdout.split(",") if args.holdout else (
+        list(tiny_world.HOLDOUT) if args.setting == "tiny" else [])
     held = {"tiny": tiny_world.DOMAINS, "folders": args.holdout}.get(args.setting, data.HOLDOUT)
-    if any(d not in held or d in trained for d in args.holdout):
+    if any(d not in held or d in (args.datasets or known) for d in args.holdout):
         p.error(f"--holdout {','.join(args.holdout)}: choose datasets this run never trains among "
                 f"{','.join(held)}")
-    cfg = SETTINGS[args.setting]  # the setting's evaluation, where no flag says otherwise
     args.eval_style = args.eval_style or cfg["eval_style"]
     args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
-    if (args.eval_batch_size is not None and args.eval_batch_size < 1) or args.workers < 0:
-        p.error("--eval-batch-size must be >= 1 and --workers >= 0")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+    if min(args.workers, args.seed) < 0 or (args.eval_batch_size is not None
+                                            and args.eval_batch_size < 1):
+        p.error("--eval-batch-size must be >= 1, --workers and --seed >= 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; choose a folder")
 
 
 def load_setting(args, shots=None):
-    """(tasks, held-out tasks, model) of a run, the tasks preprocessed for that model: the one
-    place where a setting's name becomes data and weights. shots None: no training images (the
-    held-out tasks never have any). Exits with one line when data or weights are missing."""
+    """(tasks, held-out tasks, model), the tasks prepared for the model; shots None: no training."""
     try:  # the data first: a run without it stops before downloading any weights
-        if args.setting == "tiny":  # generated in memory
-            tasks = tiny_world.tasks(shots, args.seed, args.datasets)
-            holdout = tiny_world.tasks(None, args.seed, args.holdout) if args.holdout else []
-        elif args.setting == "folders":  # --holdout: task folders never trained
+        if args.setting == "folders":  # --holdout: task folders never trained
             tasks, holdout = data.load_folders(args.data_dir, shots, args.seed, args.datasets,
                                                args.holdout)
         else:
-            def load(shots, names):
+            def load(shots, names):  # tiny: generated in memory
+                if args.setting == "tiny":
+                    return tiny_world.tasks(shots, args.seed, names)
                 return data.load_tasks(args.setting, args.data_dir, shots, args.seed, names,
                                        args.download, args.layout, args.prompts)
             tasks = load(shots, args.datasets)
             holdout = load(None, args.holdout) if args.holdout else []
             for task in holdout:  # CIFAR100's training arrays: not needed
                 task.train = None
-        if args.model == "tiny" or (args.setting == "tiny" and args.model is None):
-            model = tiny_world.pretrained()  # one model whatever the seed, as CLIP's weights are
-        else:
-            model = clip_model.load(args.model or "ViT-B/16")
+        # tiny: one model whatever the seed, as CLIP's weights are
+        tiny = args.model == "tiny" or (args.setting == "tiny" and args.model is None)
+        model = tiny_world.pretrained() if tiny else clip_model.load(args.model or "ViT-B/16")
         cache = None if args.cache_dir == "none" else args.cache_dir
         data.prepare(tasks + holdout, model.visual.input_resolution, cache, args.workers)
     except (data.DataError, clip_model.CLIPLoadError) as e:
@@ -256,8 +207,7 @@ def load_setting(args, shots=None):
 
 
 def claim(out):
-    """Make the output folder and lock it for the life of this process: a second run into the
-    same folder stops with one line instead of mixing its files into this one's."""
+    """Make and lock the output folder while this process lives: a second run into it stops."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")
@@ -271,9 +221,8 @@ def claim(out):
 
 def environment(device):
     """Where a run ran: versions, the device, the project's git commit when there is one."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True,
-                         capture_output=True)
+    git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
+                          "--short", "HEAD"], text=True, capture_output=True)
     return {"torch": str(torch.__version__), "python": platform.python_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
@@ -294,10 +243,6 @@ def pick_device(name, precision="fp32"):
     return device
 
 
-def autocast(device, precision):
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-
-
 def write_json(path, obj):
     with clip_model.atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -305,11 +250,11 @@ def write_json(path, obj):
 
 # --- zero-shot (or any checkpoint's) accuracy: one row
 def main():
-    p = Parser("Evaluate CLIP (zero-shot, or a checkpoint of this project) on every dataset of "
-               "a setting.")
-    add_arguments(p)["model"].add_argument("--export", nargs=2, metavar=("FORMAT", "FOLDER"),
-                                           help="instead: write --model as a folder that "
-                                           "transformers (FORMAT hf) or open_clip reads")
+    p, groups = parser("Evaluate CLIP (zero-shot, or a checkpoint of this project) on every "
+                       "dataset of a setting.")
+    groups["model"].add_argument("--export", nargs=2, metavar=("FORMAT", "FOLDER"), help="instead:"
+                                 " write --model as a folder that transformers (FORMAT hf) or "
+                                 "open_clip reads")
     args = p.parse_args()
     if args.export:  # no data, no evaluation
         if args.export[0] not in clip_model.FILES:
@@ -319,27 +264,24 @@ def main():
             return print(f"wrote {clip_model.export(model, args.export[1], args.export[0])}")
         except (clip_model.CLIPLoadError, OSError) as e:
             sys.exit(f"error: {e}")
-    args.out = args.out or os.path.join("out", f"{args.setting}-zeroshot")
-    check_arguments(p, args)
+    check_arguments(p, args, "zeroshot")
     results_path = os.path.join(args.out, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
         p.error(f"{results_path} exists; pass --overwrite or choose another --out")
     device = pick_device(args.device, args.precision)
     tasks, holdout, model = load_setting(args)
     lock = claim(args.out)  # noqa: F841
-    start, names = time.time(), [t.name for t in tasks]
-    with autocast(device, args.precision):
-        row = evaluate(model.to(device), tasks, args.eval_style == "union", device,
-                       args.eval_batch_size, args.workers)
+    start, batch, union = time.time(), args.eval_batch_size, args.eval_style == "union"
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        row = evaluate(model.to(device), tasks, union, device, batch, args.workers)
+        held = holdout and evaluate(model, holdout, False, device, batch, args.workers)  # Table 4
     metrics = compute_metrics([row])
-    print(format_rows(names, [("accuracy", row)]))
+    print(format_rows([t.name for t in tasks], [("accuracy", row)]))
     if len(row) > 1:
         print(f"transfer (columns 2..{len(row)} of this row): {metrics['transfer']['mean']:.1f}")
-    results = {"setting": args.setting, "datasets": names, "tasks": [t.describe() for t in tasks],
-               "acc": [row], "metrics": metrics}
+    results = {"setting": args.setting, "datasets": [t.name for t in tasks],
+               "tasks": [t.describe() for t in tasks], "acc": [row], "metrics": metrics}
     if holdout:  # the zero-shot row of Table 4
-        with autocast(device, args.precision):
-            held = evaluate(model, holdout, False, device, args.eval_batch_size, args.workers)
         results["holdout"] = {"datasets": [t.name for t in holdout], "acc": held}
         print(format_rows(results["holdout"]["datasets"], [("accuracy", held)], "hold-out"))
     write_json(results_path, {**results, "seconds": time.time() - start, "args": vars(args),

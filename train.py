@@ -1,11 +1,6 @@
 """Continual learning of CLIP with CoDyRA: learn each task of a setting in turn, merge the
 surviving ranks into the weights, evaluate on every dataset, print the paper's tables.
-Reads top-down: config, data and model, one task, the sequence, the report.
-
-    python train.py                                   # the offline tiny world (CPU, minutes)
-    python train.py --setting mtil --shots 5          # paper Table 2 (ViT-B/16, GPU)
-    python train.py --setting xtail --method lora     # Table 1, adapters without rank selection
-"""
+`python train.py`: the offline tiny world (CPU, minutes); the paper's runs: README.md, --help."""
 import copy
 import itertools
 import math
@@ -47,9 +42,8 @@ def recipe_help(key):  # the defaults as RECIPES states them, so that no help te
     return "default: the setting's, " + ", ".join(f"{r[key]} {s}" for s, r in RECIPES.items())
 
 
-p = evaluation.Parser("Continual learning of CLIP with CoDyRA: learn the tasks of a setting in "
-                      "turn and print the paper's tables.")
-groups = evaluation.add_arguments(p)
+p, groups = evaluation.parser("Continual learning of CLIP with CoDyRA: learn the tasks of a "
+                              "setting in turn and print the paper's tables.")
 groups["data"].add_argument("--shots", type=int,
                             help="training images per class; " + recipe_help("shots"))
 group = p.add_argument_group("adapter")
@@ -82,8 +76,7 @@ group = groups["system"]
 group.add_argument("--resume", action="store_true", help="continue the run in --out")
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
-args.out = args.out or os.path.join("out", f"{args.setting}-{args.method}")
-evaluation.check_arguments(p, args)
+evaluation.check_arguments(p, args, args.method)
 recipe = RECIPES[args.setting]  # where no flag is given; --method full: its lr_full
 for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max"):
     if getattr(args, key) is None:
@@ -98,8 +91,7 @@ try:
     placement = codyra.clip_placement(args.encoders, tuple(args.layers.split(",")))
 except ValueError as e:
     p.error(str(e))
-results_path = os.path.join(args.out, "results.json")
-ckpt_path = os.path.join(args.out, "checkpoint.pt")
+results_path, ckpt_path = (os.path.join(args.out, f) for f in ("results.json", "checkpoint.pt"))
 if any(map(os.path.exists, (results_path, ckpt_path))) and not (args.resume or args.overwrite):
     p.error(f"{args.out} holds another run; pass --resume to continue it, --overwrite to replace "
             "it, or choose another --out")
@@ -111,7 +103,7 @@ if args.plot and not analysis.can_plot():
 
 # --- data and model
 device = evaluation.pick_device(args.device, args.precision)
-autocast = evaluation.autocast(device, args.precision)
+autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 # every dataset of the run is checked here, so a run never dies at task 9 after hours
 began = time.time()
 tasks, holdout, model = evaluation.load_setting(args, args.shots)
@@ -124,7 +116,6 @@ pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every t
 # the auto-encoders read the pretrained image features: a frozen copy of the image tower, taken
 # before --resume loads later weights (ViT-B/16: 86M parameters, 344 MB in fp32)
 frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routing == "ae" else None
-eval_batch = evaluation.eval_batch_size(args.eval_batch_size, device)
 union = args.eval_style == "union"  # X-TAIL: each image among all datasets' classes
 results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args": vars(args),
            "tasks": [t.describe() for t in tasks], "classes": [len(t.classnames) for t in tasks],
@@ -134,23 +125,22 @@ results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args":
            "holdout": {"datasets": [t.name for t in holdout]}}
 state = routing.new_state()  # what the routed rows look up, kept in the checkpoint
 if args.resume:  # the weights and results of the finished tasks
-    try:
+    try:  # p.error's SystemExit passes the except below
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        changed = [k for k, v in saved["results"]["args"].items()
+        changed = ["--" + k.replace("_", "-") for k, v in saved["results"]["args"].items()
                    if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
-        if not changed and saved["results"].get("tasks") != results["tasks"]:  # edited folders
+        if changed:  # a resumed run must be the same experiment; only how it runs may change
+            p.error(f"--resume: {', '.join(changed)} differ from the run in {args.out}; pass the "
+                    "same values, or start a new run elsewhere")
+        if saved["results"].get("tasks") != results["tasks"]:  # edited folders
             p.error(f"--resume: the tasks in {args.data_dir} differ from the run in {args.out} "
                     "(names, classes, prompts or sizes); restore them, or start a new run")
-        if not changed:
-            model.load_state_dict(saved["model"])
-            results.update({k: v for k, v in saved["results"].items() if k != "args"})
-            state = saved.get("routing", state)
+        model.load_state_dict(saved["model"])
+        results.update({k: v for k, v in saved["results"].items() if k != "args"})
+        state = saved.get("routing", state)
     except Exception as e:  # truncated, not this project's, or --model's shapes changed
         sys.exit(f"error: --resume: cannot continue from {ckpt_path} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:150]}); start again with --overwrite")
-    if changed:  # a resumed run must be the same experiment; only how it runs may change
-        p.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
-                f"the run in {args.out}; pass the same values, or start a new run elsewhere")
     if results["routed"] and len(state["predictions"]) != len(results["acc"]):
         p.error(f"--resume: the run in {args.out} kept no predictions to route; --routing none")
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
@@ -159,7 +149,6 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit(  # Ctrl-C: one line, the finis
     f"\ninterrupted: finished tasks are saved in {args.out}; continue with --resume"))
 
 
-# --- one task: inject fresh adapters, train, merge
 def lap(times, phase, began):
     """Note a phase's seconds, and on CUDA its peak memory (MB), in `times`; returns now."""
     if device.type == "cuda":
@@ -174,15 +163,30 @@ def evaluate(into, key, sets, union=False, keep=None):
     """into[key]: one row (eval.evaluate) of the current model on `sets`, its seconds beside."""
     began = time.time()
     with autocast:
-        into[key] = evaluation.evaluate(model, sets, union, device, eval_batch, args.workers,
-                                        keep=keep)
+        into[key] = evaluation.evaluate(model, sets, union, device, args.eval_batch_size,
+                                        args.workers, keep=keep)
     into[key + "_seconds"] = time.time() - began
 
 
-def train_task(t, task, train_set, earlier_text, times):
-    """Learn one task (SPEC section 1) on train_set, its few-shot images decoded. earlier_text:
-    (P, E) features of earlier tasks' classes; times: gets the seconds of the optimizer steps
-    ("steps"), the task's other work aside. Returns the analysis report and the merged factors."""
+# --- the sequence: each task trains fresh adapters and merges them, then the model is evaluated
+# on every dataset (row t of the accuracy matrix) and saved
+keep = {}
+if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
+    evaluate(results, "zero_shot", tasks, union, keep)
+    if holdout:  # Table 4's first row: each held-out dataset among its own classes
+        evaluate(results["holdout"], "zero_shot", holdout)
+    print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
+# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
+test_features = keep.get("features") if frozen is not None else None
+for t in range(len(results["acc"]), len(tasks)):
+    task, times, began = tasks[t], {}, time.time()
+    with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
+        earlier_text = torch.cat(
+            [evaluation.class_features(model, s.classnames, s.templates[:1], device)
+             for s in tasks[:t]] or [torch.zeros(0, model.text_projection.shape[1], device=device)])
+    began = lap(times, "text", began)
+    # one task (SPEC section 1): inject fresh adapters, train, merge
+    train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
     torch.manual_seed(args.seed + 1000 * t)
     if args.method == "full":
         for name, param in model.named_parameters():
@@ -200,7 +204,7 @@ def train_task(t, task, train_set, earlier_text, times):
     stream = itertools.chain.from_iterable(itertools.repeat(  # endless shuffled batches
         train_set.batches(args.batch_size, args.workers, device.type == "cuda", shuffle=shuffle)))
     model.train()
-    began, tau = time.time(), 0.0
+    stepping, tau = time.time(), 0.0
     for it in range(args.iterations):
         images, labels = next(stream)
         images = clip_model.normalize(images.to(device, non_blocking=True))  # (B, 3, R, R)
@@ -217,52 +221,32 @@ def train_task(t, task, train_set, earlier_text, times):
             tau = codyra.threshold_schedule(it, args.iterations, args.dense_ratio, args.kappa_max)
             codyra.proximal_step(model, tau)
         if (it + 1) % max(1, args.iterations // 5) == 0:  # five progress lines per task
-            ranks, seconds = codyra.rank_stats(model), time.time() - began
+            ranks, seconds = codyra.rank_stats(model), time.time() - stepping
             rank = f"ranks {sum(ranks.values()) / len(ranks):.1f}/{args.rank} | " if ranks else ""
             print(f"task {t + 1}/{len(tasks)} {task.name} | it {it + 1}/{args.iterations} | "
                   f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}"
                   f"{(it + 1) * args.batch_size / seconds:.0f} img/s", flush=True)
-    lap(times, "steps", began)
+    lap(times, "steps", stepping)
+    del optimizer, cosine, stream  # Adam's moments and the loader: not kept through evaluation
     if not torch.isfinite(loss):  # a NaN or inf loss ruins the weights: keep the saved ones
         sys.exit(f"error: task {t + 1} ({task.name}): the loss became {loss.item()}; lower --lr "
                  f"(the tasks before are saved in {args.out}: --resume)")
     report = analysis.task_report(model, start, pretrained)  # needs the adapters: before merge
     update = {n: (B.cpu(), A.cpu()) for n, (B, A) in codyra.factors(model).items()}
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
-    return report, update
-
-
-# --- the sequence: train task t, evaluate on every dataset (row t of the accuracy matrix), save
-keep = {}
-if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
-    evaluate(results, "zero_shot", tasks, union, keep)
-    if holdout:  # Table 4's first row: each held-out dataset among its own classes
-        evaluate(results["holdout"], "zero_shot", holdout)
-    print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
-# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
-test_features = keep.get("features") if frozen is not None else None
-for t in range(len(results["acc"]), len(tasks)):
-    task, times, began = tasks[t], {}, time.time()
-    with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
-        earlier_text = torch.cat(
-            [evaluation.class_features(model, s.classnames, s.templates[:1], device)
-             for s in tasks[:t]] or [torch.zeros(0, model.text_projection.shape[1], device=device)])
-    began = lap(times, "text", began)
-    train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
-    report, update = train_task(t, task, train_set, earlier_text, times)
     began = lap(times, "train", began)
     keep = {}
     with autocast:
-        row = evaluation.evaluate(model, tasks, union, device, eval_batch, args.workers, times,
-                                  keep)
+        row = evaluation.evaluate(model, tasks, union, device, args.eval_batch_size, args.workers,
+                                  times, keep)
     began = lap(times, "eval", began)
     state["predictions"].append(keep["predictions"])
     if frozen is not None:  # the auto-encoders read the frozen copy's features
         with autocast:
             test_features = test_features or [evaluation.image_features(
-                frozen, s.test, device, eval_batch, args.workers)[0] for s in tasks]
+                frozen, s.test, device, args.eval_batch_size, args.workers)[0] for s in tasks]
             torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's init
-            feats = evaluation.image_features(frozen, train_set, device, eval_batch, 0)[0]
+            feats = evaluation.image_features(frozen, train_set, device, args.eval_batch_size, 0)[0]
         routing.add_domain(state, feats, test_features)  # feats: one crop of each image
     routing.add_rows(results["routed"], state, t, [s.test.labels for s in tasks])
     began = lap(times, "routing", began)
@@ -296,27 +280,24 @@ if holdout and "last" not in results["holdout"]:  # Table 4: after the whole seq
 results["metrics"] = evaluation.compute_metrics(results["acc"])
 if "zero_shot" in results:  # the paper's zero-shot row: the pretrained model as every row
     results["zero_shot_metrics"] = evaluation.compute_metrics([results["zero_shot"]])
-for routed in results["routed"].values():
-    routed["metrics"] = evaluation.compute_metrics(routed["acc"])
-    routed["routing_summary"] = routing.summary(routed["routing_accuracy"])
-evaluation.write_json(results_path, results)
 print(f"\n{args.method} on {args.setting}: accuracy (%) after the whole sequence")
 print(evaluation.format_table(results["metrics"], results["datasets"],
                               results.get("zero_shot_metrics")))
 for name, routed in results["routed"].items():  # the second rows, under the first
-    got = routed["routing_summary"]
+    routed["metrics"] = evaluation.compute_metrics(routed["acc"])
+    got = routed["routing_summary"] = routing.summary(routed["routing_accuracy"])
     print(f"routed by {routing.ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
         "" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
     print(evaluation.format_table(routed["metrics"], results["datasets"]).split("\n", 1)[1])
 if holdout:
     print("\nhold-out datasets, never trained (Table 4): accuracy (%), each among its own classes")
-    rows = (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
-    print(evaluation.format_rows(results["holdout"]["datasets"], [
-        (label, results["holdout"][key]) for label, key in rows if key in results["holdout"]],
-        "hold-out"))
+    held, rows = results["holdout"], (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
+    print(evaluation.format_rows(held["datasets"], [(label, held[key]) for label, key in rows
+                                                    if key in held], "hold-out"))
 used = " ".join(f"{r['used_parameters'] / 1e6:.3g}M" for r in results["analysis"])
 print(f"parameters used per task (Table 7; kept ranks x (d_in + d_out + 1)): {used}")
 if args.method != "full":
     kept = " ".join(f"{r['ranks']['mean']:.1f}" for r in results["analysis"])
     print(f"mean active rank per task: {kept}  (of {args.rank})")
+evaluation.write_json(results_path, results)
 print(f"wrote {results_path}")

@@ -1,6 +1,6 @@
 import pytest
 
-from eval import average, compute_metrics, last, transfer
+from eval import compute_metrics
 
 MTIL_ZERO_SHOT = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]
 XTAIL_ZERO_SHOT = [23.5, 76.8, 37.3, 36.7, 63.6, 84.0, 46.7, 86.7, 66.1, 63.7]
@@ -23,10 +23,12 @@ def test_metrics_on_hand_computed_matrix():
     acc = [[50.0, 10.0, 0.0],
            [40.0, 80.0, 30.0],
            [20.0, 60.0, 90.0]]
-    assert transfer(acc) == (pytest.approx((10.0 + (0.0 + 30.0) / 2) / 2), [None, 10.0, 15.0])
-    assert average(acc)[1] == pytest.approx([110 / 3, 150 / 3, 120 / 3])
-    assert average(acc)[0] == pytest.approx(380 / 9)
-    assert last(acc) == (pytest.approx(170 / 3), [20.0, 60.0, 90.0])
+    m = compute_metrics(acc)
+    assert m["transfer"] == {"mean": pytest.approx((10.0 + (0.0 + 30.0) / 2) / 2),
+                             "per_dataset": [None, 10.0, 15.0]}
+    assert m["average"]["per_dataset"] == pytest.approx([110 / 3, 150 / 3, 120 / 3])
+    assert m["average"]["mean"] == pytest.approx(380 / 9)
+    assert m["last"] == {"mean": pytest.approx(170 / 3), "per_dataset": [20.0, 60.0, 90.0]}
 
 
 def test_metrics_of_a_single_row():
