@@ -213,6 +213,7 @@ def claim(out):
         lock = open(os.path.join(out, ".lock"), "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        lock.close()
         sys.exit(f"error: another run is writing to {out}; wait for it or choose another --out")
     except OSError as e:
         sys.exit(f"error: cannot write to --out {out} ({e.strerror}); choose another folder")

@@ -24,10 +24,9 @@ RECIPES = {
                  kappa_max=0.005),
     "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
                   kappa_max=0.005),
-    # X-TAIL's rank selection in fewer steps (`python train.py` near 2 minutes on two cores):
-    # which ranks survive depends on the sum of tau over a task against |g| ~ N(0, 1), and how far
-    # g escapes it on kappa_max / lr (tau per step against Adam's step); kappa_max is scaled so
-    # the sum matches X-TAIL's, lr keeps its ratio (tests/test_train.py, docs/tiny_world.md)
+    # X-TAIL's rank selection in fewer steps (`python train.py`, ~2 min on two cores): which ranks
+    # survive depends on the sum of tau over a task against |g| ~ N(0, 1), and on kappa_max / lr
+    # (tau against Adam's step): the sum matches X-TAIL's, so does the ratio (docs/tiny_world.md)
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
                  lr_full=1e-4, kappa_max=0.0125),
 }
@@ -52,8 +51,7 @@ group.add_argument("--method", choices=["codyra", "lora", "full"], default="cody
 group.add_argument("--rank", type=int, default=16, help="LoRA rank r per adapted matrix")
 group.add_argument("--encoders", choices=["vision", "text", "both"], default="both",
                    help="encoders to adapt")
-group.add_argument("--layers", default="q,k,v,out,c_fc,c_proj",
-                   help="comma-separated linear types to adapt")
+group.add_argument("--layers", default="q,k,v,out,c_fc,c_proj", help="linear types to adapt")
 group.add_argument("--kappa-max", type=float, help="final soft-threshold tau (absolute units "
                    "of g); " + recipe_help("kappa_max"))
 group.add_argument("--dense-ratio", type=float, help="fraction of iterations before "
@@ -168,10 +166,10 @@ def evaluate(into, key, sets, union=False, keep=None):
     into[key + "_seconds"] = time.time() - began
 
 
-# --- the sequence: each task trains fresh adapters and merges them, then the model is evaluated
-# on every dataset (row t of the accuracy matrix) and saved
+# --- the sequence: per task, train fresh adapters and merge them, evaluate (row t), save
 keep = {}
-if not (args.no_zero_shot or "zero_shot" in results):  # the paper's first row: before any task
+# the paper's first row: the model before any task (once a task is done, no longer there)
+if not (args.no_zero_shot or "zero_shot" in results or results["acc"]):
     evaluate(results, "zero_shot", tasks, union, keep)
     if holdout:  # Table 4's first row: each held-out dataset among its own classes
         evaluate(results["holdout"], "zero_shot", holdout)
@@ -181,9 +179,8 @@ test_features = keep.get("features") if frozen is not None else None
 for t in range(len(results["acc"]), len(tasks)):
     task, times, began = tasks[t], {}, time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
-        earlier_text = torch.cat(
-            [evaluation.class_features(model, s.classnames, s.templates[:1], device)
-             for s in tasks[:t]] or [torch.zeros(0, model.text_projection.shape[1], device=device)])
+        earlier_text = torch.cat([evaluation.class_features(
+            model, s.classnames, s.templates[:1], device) for s in tasks[:t]]) if t else None
     began = lap(times, "text", began)
     # one task (SPEC section 1): inject fresh adapters, train, merge
     train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
