@@ -78,3 +78,14 @@ def test_lines_are_at_most_100_columns():
     wide = [f"{os.path.relpath(p, ROOT)}:{i}" for p in project_files()
             for i, line in enumerate(open(p).read().splitlines(), 1) if len(line) > 100]
     assert not wide, wide
+
+
+BUDGETS = {"codyra": 200, "train": 300, "eval": 300, "bench": 250}  # lines (issue 21)
+
+
+def test_the_files_with_a_budget_stay_within_it():
+    """codyra.py (the file to copy), the two scripts and bench.py within their line budgets."""
+    over = {name: n for name in BUDGETS
+            if (n := len(open(os.path.join(ROOT, name + ".py")).read().splitlines()))
+            > BUDGETS[name]}
+    assert not over, f"lines over budget {BUDGETS}: {over}"
