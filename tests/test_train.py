@@ -134,3 +134,14 @@ def test_the_tiny_recipe_selects_ranks_as_x_tail_does():
     assert tau_sum(tiny) == pytest.approx(tau_sum(xtail), rel=0.02)
     assert xtail["kappa_max"] / xtail["lr"] == pytest.approx(10)
     assert tiny["kappa_max"] / tiny["lr"] == pytest.approx(10, rel=0.2)
+
+
+def test_a_resumed_run_never_records_its_trained_model_as_zero_shot(small_weights, tmp_path):
+    """A run made with --no-zero-shot and resumed without the flag has no zero-shot row: the
+    pretrained weights are gone once a task is done."""
+    argv = [*FAST, "--datasets", "shapes", "--routing", "none", "--holdout", "none",
+            "--model", small_weights, "--out", str(tmp_path)]
+    assert run(*argv, "--no-zero-shot").returncode == 0
+    done = run(*argv, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "zero_shot" not in json.loads((tmp_path / "results.json").read_text())
