@@ -107,14 +107,12 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
                      "eurosat": "2750/{f}/{f}_{s}{i}.jpg", "sun397": "{f}/sun_{s}{i}.jpg"}[name],
                     *split))
     elif name == "flowers":  # images 1..N, the train split first; labels by image id
-        n = len(split["train"])
-        ids = {"trnid": range(1, n + 1), "tstid": range(n + 1, n + len(split["test"]) + 1)}
+        n, ids = len(split["train"]), np.arange(1, sum(counts.values()) + 1, dtype=np.uint16)[None]
         labels = [c + 1 for s in split for _, c in split[s]]
         d.mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(d / "imagelabels.mat", {"labels": np.array([labels], np.uint8)})
-        scipy.io.savemat(d / "setid.mat", {k: np.array([list(v)], np.uint16)
-                                           for k, v in ids.items()})
-        images([f"jpg/image_{i:05d}.jpg" for v in ids.values() for i in v])
+        scipy.io.savemat(d / "setid.mat", {"trnid": ids[:, :n], "tstid": ids[:, n:]})
+        images([f"jpg/image_{i:05d}.jpg" for i in ids[0]])
     elif name == "food":
         for s in split:
             meta = {}  # its classes in order of first appearance: out of label order
@@ -126,10 +124,9 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
         (d / "devkit").mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(d / "devkit/cars_meta.mat", {"class_names": np.array([folders], object)})
         for s, mat in zip(split, needs[1:3]):  # devkit/cars_train_annos.mat, cars_test_annos_...
-            annos = np.zeros((1, len(split[s])), [("class", "O"), ("fname", "O")])
-            for i, c in split[s]:
-                annos[0, i] = (np.array([[c + 1]], np.uint16), f"{i:05d}.jpg")
-            scipy.io.savemat(d / mat, {"annotations": annos})
+            annos = [(np.array([[c + 1]], np.uint16), f"{i:05d}.jpg") for i, c in split[s]]
+            scipy.io.savemat(d / mat, {"annotations": np.array(
+                [annos], [("class", "O"), ("fname", "O")])})
             images(rows("cars_{s}/{i:05d}.jpg", s))
 
 
