@@ -299,13 +299,12 @@ def _dtd(folder):  # partition 1
 
 
 def _flowers(folder):
-    labels = _loadmat("flowers", folder / "imagelabels.mat")["labels"]
-    labels = np.atleast_1d(labels).astype(int) - 1
+    labels = np.atleast_1d(_loadmat("flowers", folder / "imagelabels.mat")["labels"]).astype(int)
     setid = _loadmat("flowers", folder / "setid.mat")
-    sets = [_set([(folder / "jpg" / f"image_{i:05d}.jpg", labels[i - 1])  # ids are 1-based
+    sets = [_set([(folder / "jpg" / f"image_{i:05d}.jpg", labels[i - 1] - 1)  # 1-based, both
                   for i in np.atleast_1d(setid[key]).astype(int).tolist()])
             for key in ("trnid", "tstid")]
-    return ASSETS["mtil"]["flowers"]["classnames"][:labels.max() + 1], *sets
+    return ASSETS["mtil"]["flowers"]["classnames"][:labels.max()], *sets
 
 
 def _food(folder):
