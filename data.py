@@ -272,21 +272,18 @@ def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_air
                      classes)
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """CIFAR's pickles could run code: load only dicts, lists, strings, numbers and arrays."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a CIFAR file")
-        return super().find_class(module, name)
-
-
 def _cifar100(folder):
+    class ArraysOnly(pickle.Unpickler):  # CIFAR's pickles could run code: load only dicts,
+        def find_class(self, module, name):  # lists, strings, numbers and arrays
+            if (module, name) not in {("numpy", "ndarray"), ("numpy", "dtype"),
+                                      ("numpy.core.multiarray", "_reconstruct"),
+                                      ("numpy._core.multiarray", "_reconstruct")}:
+                raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a CIFAR file")
+            return super().find_class(module, name)
+
     def load(name):
         with open(folder / name, "rb") as f:
-            return _ArraysOnly(f, encoding="latin1").load()
+            return ArraysOnly(f, encoding="latin1").load()
 
     def read(split):
         entry = load(split)
@@ -302,13 +299,12 @@ def _dtd(folder):  # partition 1
 
 
 def _flowers(folder):
-    labels = _loadmat("flowers", folder / "imagelabels.mat")["labels"]
-    labels = np.atleast_1d(labels).astype(int) - 1
+    labels = np.atleast_1d(_loadmat("flowers", folder / "imagelabels.mat")["labels"]).astype(int)
     setid = _loadmat("flowers", folder / "setid.mat")
-    sets = [_set([(folder / "jpg" / f"image_{i:05d}.jpg", labels[i - 1])  # ids are 1-based
+    sets = [_set([(folder / "jpg" / f"image_{i:05d}.jpg", labels[i - 1] - 1)  # 1-based, both
                   for i in np.atleast_1d(setid[key]).astype(int).tolist()])
             for key in ("trnid", "tstid")]
-    return ASSETS["mtil"]["flowers"]["classnames"][:labels.max() + 1], *sets
+    return ASSETS["mtil"]["flowers"]["classnames"][:labels.max()], *sets
 
 
 def _food(folder):
@@ -433,9 +429,8 @@ LAYOUTS = {
     },
 }
 _TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101", "dtd": "DTD",
-                      "cifar100": "CIFAR100", "eurosat": "EuroSAT", "flowers": "Flowers102",
-                      "food": "Food101", "mnist": "MNIST", "pets": "OxfordIIITPet",
-                      "sun397": "SUN397"}  # cars: none
+                      "cifar100": "CIFAR100", "eurosat": "EuroSAT", "flowers": "Flowers102", "food":
+                      "Food101", "mnist": "MNIST", "pets": "OxfordIIITPet", "sun397": "SUN397"}
 _DOWNLOADABLE = {"torchvision": set(_TORCHVISION_CLASS), "coop": {"aircraft", "cifar100", "mnist"}}
 
 
@@ -463,24 +458,12 @@ def _missing(name, layout, data_dir, download_error=None):
     return msg
 
 
-def _download(name, data_dir):
-    """Let torchvision download into data_dir; returns the error text if it raised."""
-    import torchvision.datasets
-    try:
-        getattr(torchvision.datasets, _TORCHVISION_CLASS[name])(str(data_dir), download=True)
-    except Exception as e:  # noqa: BLE001  NOTE: Flowers102 downloads, then fails without scipy
-        why = " ".join(f"{type(x).__name__}: {x}" for x in (e, e.__cause__ or e.__context__) if x)
-        return " ".join(why.split())[:300]
-    return None
-
-
 # --- the one entry point
 def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=False,
                layout=None, prompts=None):
     """The tasks of a benchmark in order, train sets `shots`-shot (None: full), read from `layout`
-    with `prompts` (None: the benchmark's); `datasets` may name the HOLDOUT ones (train None).
-    Finds every dataset (downloading what torchvision can if asked), then indexes each; a problem
-    raises DataError, a size unlike SIZES warns."""
+    with `prompts` (None: the benchmark's); `datasets` may name the HOLDOUT ones (train None). A
+    problem raises DataError, a size unlike SIZES warns."""
     cfg = BENCHMARKS[benchmark]
     layout, names = layout or cfg["layout"], list(datasets or cfg["datasets"])
     data_dir = Path(data_dir).expanduser()
@@ -489,11 +472,16 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
         where, needs, _ = LAYOUTS[layout][name]
         return next((data_dir / f for f in where
                      if all((data_dir / f / p).exists() for p in needs)), None)
-    # 1. every dataset is there
+    # 1. every dataset is there (torchvision downloading what it can if asked)
     folders, errors = {}, {}
     for name in names:
         if find(name) is None and download and name in _DOWNLOADABLE[layout]:
-            errors[name] = _download(name, data_dir)
+            import torchvision.datasets as tv
+            try:
+                getattr(tv, _TORCHVISION_CLASS[name])(str(data_dir), download=True)
+            except Exception as e:  # noqa: BLE001  NOTE: Flowers102 downloads, fails without scipy
+                errors[name] = " ".join(" ".join(f"{type(x).__name__}: {x}" for x in (
+                    e, e.__cause__ or e.__context__) if x).split())[:300]
         folders[name] = find(name)
     missing = [_missing(n, layout, data_dir, errors.get(n)) for n in names if folders[n] is None]
     if missing:

@@ -45,11 +45,6 @@ def write(path, content):
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
-def idx(array):
-    """An MNIST idx file: 0, 0, 0x08 (uint8), ndim, big-endian sizes, data."""
-    return bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.tobytes()
-
-
 def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)):
     """One dataset under root, in `layout` as data.LAYOUTS reads it. folders: its classes' names
     on disk; names: the same in CoOp's split files; counts: {"train": n, "test": n} images. Image
@@ -60,25 +55,27 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
     d, split = root / dirs[0], {s: [(i, (-1 - i) % C) for i in range(n)] for s, n in counts.items()}
     pool = [root / ".pool" / f"{name}_{k}.jpg" for k in range(8)]
 
-    def images(paths):  # hard links (a copy where the file system has none) to the pool
+    def rows(pattern, *splits):  # pattern formatted for each image of those splits
+        return [pattern.format(s=s, i=i, c=c + 1, f=folders[c])
+                for s in splits for i, c in split[s]]
+
+    def images(paths):  # under d: hard links (a copy where the file system has none) to the pool
         for path in pool:
             path.exists() or jpeg(rng, pixels, path)
-        for i, path in enumerate(paths):
+        for k, path in enumerate(d / p for p in paths):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(pool[i % len(pool)], path)
+                os.link(pool[k % len(pool)], path)
             except OSError:
-                shutil.copyfile(pool[i % len(pool)], path)
+                shutil.copyfile(pool[k % len(pool)], path)
 
-    def rows(pattern, s):  # pattern formatted for each image of split s
-        return [pattern.format(s=s, i=i, c=c + 1, f=folders[c]) for i, c in split[s]]
-
-    if name == "mnist":
+    if name == "mnist":  # idx files: 0, 0, 0x08 (uint8), ndim, big-endian sizes, data
         for s, prefix in (("train", "train"), ("test", "t10k")):
-            labels = np.array([c for _, c in split[s]], np.uint8)
-            write(d / f"{prefix}-labels-idx1-ubyte", idx(labels))
-            write(d / f"{prefix}-images-idx3-ubyte",
-                  idx(rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)))
+            for part, array in (("labels-idx1", np.array([c for _, c in split[s]], np.uint8)),
+                                ("images-idx3", rng.integers(0, 256, (len(split[s]), 28, 28),
+                                                             dtype=np.uint8))):
+                write(d / f"{prefix}-{part}-ubyte", bytes([0, 0, 8, array.ndim])
+                      + np.array(array.shape, ">u4").tobytes() + array.tobytes())
     elif name == "cifar100":
         write(d / "meta", pickle.dumps({"fine_label_names": folders}))
         for s in split:
@@ -90,55 +87,47 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
         items = {s: [[path, c, names[c]] for path, (_, c) in zip(rows(pattern, s), split[s])]
                  for s in split}
         write(d / needs[0], json.dumps({"train": items["train"], "val": [], "test": items["test"]}))
-        images([d / ("" if name == "cars" else needs[1]) / path for s in split
-                for path, _, _ in items[s]])
-    elif name == "aircraft":
-        write(d / "variants.txt", list(folders))
+        images(rows(("" if name == "cars" else needs[1] + "/") + pattern, *split))
+    elif name in ("aircraft", "dtd", "pets"):  # an index file a split: (its name, line, image)
+        index, line, image = {  # pets: "<breed>_<n> <class id> <species> <breed id>"
+            "aircraft": ("images_variant_{s}.txt", "{s}{i:07d} {f}", "images/{s}{i:07d}.jpg"),
+            "dtd": ("labels/{s}1.txt", "{f}/{f}_{s}{i}.jpg", "images/{f}/{f}_{s}{i}.jpg"),
+            "pets": ("annotations/{v}.txt", "{f}_{s}{i} {c} 1 {c}", "images/{f}_{s}{i}.jpg")}[name]
+        if name == "aircraft":
+            write(d / "variants.txt", list(folders))
         for s in split:
-            write(d / f"images_variant_{s}.txt", rows("{s}{i:07d} {f}", s))
-            images([d / "images" / f"{s}{i:07d}.jpg" for i, _ in split[s]])
+            write(d / index.format(s=s, v={"train": "trainval"}.get(s, s)), rows(line, s))
+            images(rows(image, s))
     elif name in ("caltech101", "eurosat", "sun397"):  # class folders, split 80/20 by the reader
-        pattern = {"caltech101": "101_ObjectCategories/{f}/image_{s}{i:05d}.jpg",
-                   "eurosat": "2750/{f}/{f}_{s}{i}.jpg", "sun397": "{f}/sun_{s}{i}.jpg"}[name]
         if name == "sun397":
             write(d / "ClassName.txt", ["/" + f for f in folders])
         if name == "caltech101":  # skipped by the reader, as torchvision does
-            images([d / "101_ObjectCategories/BACKGROUND_Google/image_0001.jpg"])
-        images([d / path for s in split for path in rows(pattern, s)])
-    elif name == "dtd":
-        for s in split:
-            write(d / f"labels/{s}1.txt", rows("{f}/{f}_{s}{i}.jpg", s))
-            images([d / "images" / path for path in rows("{f}/{f}_{s}{i}.jpg", s)])
+            images(["101_ObjectCategories/BACKGROUND_Google/image_0001.jpg"])
+        images(rows({"caltech101": "101_ObjectCategories/{f}/image_{s}{i:05d}.jpg",
+                     "eurosat": "2750/{f}/{f}_{s}{i}.jpg", "sun397": "{f}/sun_{s}{i}.jpg"}[name],
+                    *split))
     elif name == "flowers":  # images 1..N, the train split first; labels by image id
-        n = len(split["train"])
-        ids = {"trnid": range(1, n + 1), "tstid": range(n + 1, n + len(split["test"]) + 1)}
+        n, ids = len(split["train"]), np.arange(1, sum(counts.values()) + 1, dtype=np.uint16)[None]
         labels = [c + 1 for s in split for _, c in split[s]]
         d.mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(d / "imagelabels.mat", {"labels": np.array([labels], np.uint8)})
-        scipy.io.savemat(d / "setid.mat", {k: np.array([list(v)], np.uint16)
-                                           for k, v in ids.items()})
-        images([d / "jpg" / f"image_{i:05d}.jpg" for v in ids.values() for i in v])
+        scipy.io.savemat(d / "setid.mat", {"trnid": ids[:, :n], "tstid": ids[:, n:]})
+        images([f"jpg/image_{i:05d}.jpg" for i in ids[0]])
     elif name == "food":
         for s in split:
             meta = {}  # its classes in order of first appearance: out of label order
             for i, c in split[s]:
                 meta.setdefault(folders[c], []).append(f"{folders[c]}/{s}{i}")
             write(d / f"meta/{s}.json", json.dumps(meta))
-            images([d / "images" / f"{path}.jpg" for paths in meta.values() for path in paths])
-    elif name == "pets":  # "<breed>_<n> <class id> <species> <breed id>"
-        for s, f in (("train", "trainval"), ("test", "test")):
-            write(d / f"annotations/{f}.txt", rows("{f}_{s}{i} {c} 1 {c}", s))
-            images([d / "images" / f"{row.split()[0]}.jpg" for row in rows("{f}_{s}{i}", s)])
+            images([f"images/{path}.jpg" for paths in meta.values() for path in paths])
     elif name == "cars":
         (d / "devkit").mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(d / "devkit/cars_meta.mat", {"class_names": np.array([folders], object)})
-        for s, mat in (("train", "devkit/cars_train_annos.mat"),
-                       ("test", "cars_test_annos_withlabels.mat")):
-            annos = np.zeros((1, len(split[s])), [("class", "O"), ("fname", "O")])
-            for i, c in split[s]:
-                annos[0, i] = (np.array([[c + 1]], np.uint16), f"{i:05d}.jpg")
-            scipy.io.savemat(d / mat, {"annotations": annos})
-            images([d / f"cars_{s}/{i:05d}.jpg" for i, _ in split[s]])
+        for s, mat in zip(split, needs[1:3]):  # devkit/cars_train_annos.mat, cars_test_annos_...
+            annos = [(np.array([[c + 1]], np.uint16), f"{i:05d}.jpg") for i, c in split[s]]
+            scipy.io.savemat(d / mat, {"annotations": np.array(
+                [annos], [("class", "O"), ("fname", "O")])})
+            images(rows("cars_{s}/{i:05d}.jpg", s))
 
 
 # --- the dry run: the synthetic benchmark on disk, train.py on it, every phase timed
