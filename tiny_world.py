@@ -37,6 +37,7 @@ _POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"]
                    ["bottom left", "bottom", "bottom right"]]
 WORLD_VERSION = 2  # NOTE: bump when the generator or the recipe changes: stale caches go unused
 PRETRAIN = dict(steps=5000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip.pt")
 # --- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
 SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
 _HI = RES * SUPERSAMPLE
@@ -63,9 +64,7 @@ def shape_mask(shape, cx, cy, radius, angle=0.0):
         "cross": lambda: ((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)),
         "ring": lambda: (r2 <= 1) & (r2 >= 0.55 ** 2),
         "heart": lambda: (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0}
-    if shape not in inside:
-        raise ValueError(shape)
-    return _downsample(inside[shape]())
+    return _downsample(inside[shape]())  # KeyError: not one of SHAPES
 
 
 def pattern(kind, period, angle, phase):
@@ -83,19 +82,6 @@ def pattern(kind, period, angle, phase):
 
 def _arc(cx, cy, rx, ry, a0, a1, n=10):  # points of an elliptic arc; degrees, 0 right, 90 down
     return [(cx + rx * np.cos(t), cy + ry * np.sin(t)) for t in np.radians(np.linspace(a0, a1, n))]
-
-
-def strokes_mask(strokes, matrix, offset, width):
-    """Polylines mapped by p -> matrix @ p + offset, drawn with a pen `width` pixels wide."""
-    p = _PIXEL_CENTRES[::-1].reshape(2, -1).T  # (P, 2) as (x, y)
-    best = np.full(len(p), np.inf, dtype=np.float32)  # distance to the nearest stroke
-    for line in strokes:
-        q = np.asarray(line, dtype=np.float32) @ matrix.T + offset  # (K, 2)
-        a, ab = q[:-1], q[1:] - q[:-1]                                # segments (K-1, 2)
-        t = ((p[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)
-        closest = a + np.clip(t, 0, 1)[..., None] * ab                # (P, K-1, 2)
-        best = np.minimum(best, np.sqrt(((p[:, None] - closest) ** 2).sum(-1)).min(1))
-    return _downsample((best <= width / 2).reshape(_HI, _HI))
 
 
 def _paint(canvas, mask, rgb):  # a float (RES, RES, 3) canvas with a colour alpha-blended in
@@ -231,15 +217,23 @@ def draw_patterns(rng, label):
 
 
 def draw_digits(rng, label):
-    """A pen-drawn digit (random affine, pen width), white on black, MNIST-like."""
+    """A pen-drawn digit (random affine, pen width), white on black, MNIST-like: its strokes
+    (DIGIT_STROKES) mapped by p -> matrix @ p + offset, each pixel inked near enough to one."""
     angle, shear, scale = rng.normal(0, 0.15), rng.normal(0, 0.15), rng.uniform(18, 24)
     c, s = np.cos(angle), np.sin(angle)
     matrix = scale * np.array([[c, -s], [s, c]]) @ np.array([[1, shear], [0, 1]]) \
         @ np.diag([rng.uniform(0.8, 1.1), 1.0])
     offset = np.array([RES / 2, RES / 2]) - matrix @ np.array([0.5, 0.5]) + rng.uniform(-2, 2, 2)
-    strokes = [[(x + rng.normal(0, .02), y + rng.normal(0, .02)) for x, y in line]
-               for line in DIGIT_STROKES[str(label)]]
-    m = strokes_mask(strokes, np.float32(matrix), np.float32(offset), rng.uniform(2, 3.2))
+    p = _PIXEL_CENTRES[::-1].reshape(2, -1).T  # (P, 2) as (x, y)
+    best = np.full(len(p), np.inf, dtype=np.float32)  # distance to the nearest stroke
+    for line in DIGIT_STROKES[str(label)]:
+        line = [(x + rng.normal(0, .02), y + rng.normal(0, .02)) for x, y in line]
+        q = np.asarray(line, dtype=np.float32) @ np.float32(matrix).T + np.float32(offset)
+        a, ab = q[:-1], q[1:] - q[:-1]                                # segments (K-1, 2)
+        t = ((p[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)
+        closest = a + np.clip(t, 0, 1)[..., None] * ab                # (P, K-1, 2)
+        best = np.minimum(best, np.sqrt(((p[:, None] - closest) ** 2).sum(-1)).min(1))
+    m = _downsample((best <= rng.uniform(2, 3.2) / 2).reshape(_HI, _HI))
     return _to_uint8(_paint(np.zeros((RES, RES, 3), np.float32), m, (rng.uniform(200, 255),) * 3))
 
 
@@ -337,9 +331,6 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
             log(f"pretrain step {step:4d}/{steps}  loss {loss.item():.3f}  "
                 f"scale {model.logit_scale.exp().item():5.1f}  {time.time() - t0:4.0f}s")
     return model.eval(), losses
-
-
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip.pt")
 
 
 def _recipe(seed):  # what fixes the pretrained weights; a file made by another recipe goes unused
