@@ -197,8 +197,7 @@ def draw_colours(rng, label):
 
 def draw_counts(rng, label):
     """label+1 small discs, squares or diamonds of one colour on a tinted, noisy table."""
-    table = _jitter(rng, (rng.uniform(30, 90), rng.uniform(30, 90), rng.uniform(30, 90)), 5)
-    canvas = np.full((RES, RES, 3), table, dtype=np.float32)
+    canvas = np.full((RES, RES, 3), _jitter(rng, rng.uniform(30, 90, 3), 5), np.float32)
     shape = ["circle", "square", "diamond"][rng.integers(3)]
     rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS))], 20)
     r = rng.uniform(3.5, 4.5)
@@ -309,9 +308,8 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
     """A CLIP trained from scratch on fresh scenes (AdamW, warmup, cosine): (model, step losses)."""
     torch.manual_seed(seed)
     model = clip_model.CLIP(**clip_config).train()
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0}]
+    groups = [{"params": [p for p in model.parameters() if (p.ndim >= 2) == decay],
+               "weight_decay": weight_decay if decay else 0} for decay in (True, False)]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     preprocess = clip_model.preprocess(False, clip_config["image_resolution"])
     rng, t0, losses = _rng(seed, "pretrain"), time.time(), []
@@ -324,8 +322,7 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        model.logit_scale.data.clamp_(0, math.log(100))
         losses.append(loss.item())
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"pretrain step {step:4d}/{steps}  loss {loss.item():.3f}  "
@@ -338,8 +335,8 @@ def _recipe(seed):  # what fixes the pretrained weights; a file made by another 
 
 
 def make(path, seed=0, log=print):
-    """Pretrain the tiny CLIP and write it to path rounded to fp16 (15 MB; a float16 is exact in
-    float32, so every machine starts from the same numbers), with the recipe and the platform."""
+    """Pretrain the tiny CLIP and write it to path in fp16 (15 MB; exact in fp32, so every machine
+    starts from the same numbers) with its recipe and platform."""
     began = time.time()
     model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)  # as they are now
     cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -354,8 +351,7 @@ def make(path, seed=0, log=print):
 
 
 def load(path, seed=0):
-    """The tiny CLIP saved at path (fp32, eval mode), or None when it is missing, unreadable
-    (truncated, not this file) or made by another recipe."""
+    """The tiny CLIP at path (fp32, eval mode); None if missing, unreadable or of another recipe."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["recipe"] != _recipe(seed):
@@ -373,25 +369,23 @@ def cache_path(seed=0, cache_dir=None):  # a pretraining's cache file: named by 
 
 
 def pretrained(seed=0, cache_dir=None, log=print, shipped=SHIPPED):
-    """The pretrained tiny CLIP (eval mode): the one shipped in assets/ (`python tiny_world.py
-    --ship` made it, seed 0), else pretrained once on this machine and cached under a hash of its
-    recipe (another seed, or a changed recipe: that machine's floats then decide the weights)."""
+    """The pretrained tiny CLIP (eval mode): the shipped one (seed 0), else pretrained once here and
+    cached under a hash of its recipe (another seed or recipe: this machine's floats decide)."""
     path = cache_path(seed, cache_dir)
     if model := load(shipped, seed) or load(path, seed):
         return model
     if log:
         why = (f"{shipped} is unreadable or of another recipe (`git checkout assets/tiny_clip.pt` "
                "restores it); " if seed == 0 and os.path.exists(shipped) else "")
-        log(f"{why}pretraining the tiny CLIP: about 22 min on 2 CPU cores, once (cached in "
-            f"{path}); the numbers will differ from the README's")
+        log(f"{why}pretraining the tiny CLIP once: about 22 min on 2 CPU cores (cached in {path});"
+            " the numbers will differ from the README's")
     make(path, seed, log)
     return load(path, seed)  # rounded to fp16 like the shipped one
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Pretrain the tiny world's CLIP (about 22 min on 2 CPU "
-                                "cores) into ~/.cache/codyra; runs use it only when "
-                                "assets/tiny_clip.pt is missing or unreadable.")
+    p = argparse.ArgumentParser(description="Pretrain the tiny CLIP (about 22 min on 2 CPU cores) "
+                                "into ~/.cache/codyra, used if assets/tiny_clip.pt is unreadable.")
     p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--ship", action="store_true", help="write assets/tiny_clip.pt instead, the "
