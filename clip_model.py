@@ -1,9 +1,7 @@
 """CLIP with a ViT image encoder, written from scratch so that every weight an adapter may wrap
 is a plain nn.Linear; it loads OpenAI's checkpoints, and its tokenizer gives OpenAI's ids.
-
 Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T tokens per sequence
-(G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size.
-"""
+(G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size."""
 import contextlib
 import functools
 import gzip
@@ -352,8 +350,8 @@ def read_file(path):
     """The state dict in a weight file: OpenAI's TorchScript archive, a bare state dict, this
     project's checkpoint.pt ({"model": sd}) or the tiny world's file ({"state_dict": sd})."""
     try:
-        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript; OpenAI's files are it
-            warnings.simplefilter("ignore", FutureWarning)
+        # NOTE: torch deprecates TorchScript; OpenAI's files are it
+        with warnings.catch_warnings(action="ignore", category=FutureWarning):
             sd = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive: a state dict, or a dict holding one
         try:
@@ -427,39 +425,22 @@ def read_folder(folder):
     if activation not in ACTIVATIONS or heads != [64, 64]:
         raise CLIPLoadError(f"{folder}: activation {activation}, heads {heads} wide; this CLIP has "
                             f"one of {', '.join(ACTIVATIONS)} and 64-wide heads (OpenAI's layout)")
-    try:
-        from safetensors.torch import load_file  # optional, as transformers and open_clip are
-    except ImportError:
-        load_file = None
-    if os.path.isfile(st) and load_file:
-        sd = load_file(st)
-    elif os.path.isfile(pt):
-        sd = read_file(pt)
-    elif os.path.isfile(st):
-        raise CLIPLoadError(f"{st} needs the safetensors package: pip install safetensors")
-    else:
+    if not os.path.isfile(st) and not os.path.isfile(pt):
         raise CLIPLoadError(f"{folder} holds neither {os.path.basename(st)} nor "
                             f"{os.path.basename(pt)}; pass a folder that holds its weights")
+    try:  # safetensors is optional, as transformers and open_clip are
+        from safetensors.torch import load_file
+        sd = load_file(st) if os.path.isfile(st) else read_file(pt)
+    except ImportError:
+        if not os.path.isfile(pt):
+            raise CLIPLoadError(f"{st} needs the safetensors package: pip install safetensors"
+                                ) from None
+        sd = read_file(pt)
     if fmt == "hf":  # older files hold position_ids (0, 1, 2, ...), not a weight
         sd = {rename(k, HF_KEYS, reverse=True) or k: v for k, v in sd.items()
               if not k.endswith("position_ids")}
         sd = {k: v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
     return {**sd, "uses_gelu": torch.ones(())} if activation == "gelu" else sd
-
-
-def hf_cached(repo_id):
-    """The folder of a Hugging Face hub id in the local cache, laid out as huggingface_hub does
-    (models--org--name/refs/main names the snapshot); no network, no huggingface_hub needed."""
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
-    repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
-    try:
-        with open(os.path.join(repo, "refs", "main")) as f:
-            return os.path.join(repo, "snapshots", f.read().strip())
-    except OSError:
-        raise CLIPLoadError(f"hf-hub:{repo_id} is not in the Hugging Face cache (looked in "
-                            f"{repo}); download it once (hf download {repo_id}) or pass its "
-                            "folder") from None
 
 
 def load(name_or_path, device="cpu", download_root=None):
@@ -471,8 +452,18 @@ def load(name_or_path, device="cpu", download_root=None):
     if name_or_path in MODELS:
         root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
         path = _download(MODELS[name_or_path], root)
-    elif path.startswith("hf-hub:"):
-        path = hf_cached(path[len("hf-hub:"):])
+    elif path.startswith("hf-hub:"):  # laid out as huggingface_hub does; no network, no package
+        repo_id = path[len("hf-hub:"):]
+        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+        repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
+        try:  # refs/main names the snapshot
+            with open(os.path.join(repo, "refs", "main")) as f:
+                path = os.path.join(repo, "snapshots", f.read().strip())
+        except OSError:
+            raise CLIPLoadError(f"hf-hub:{repo_id} is not in the Hugging Face cache (looked in "
+                                f"{repo}); download it once (hf download {repo_id}) or pass its "
+                                "folder") from None
     if not os.path.exists(path):
         raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file "
                             "or folder; pass one of those names, hf-hub:<id>, or a path")
@@ -481,9 +472,8 @@ def load(name_or_path, device="cpu", download_root=None):
 
 
 def export(model, folder, format):
-    """Write a plain CLIP (adapters merged first: codyra.merge) as a folder that
-    transformers.CLIPModel.from_pretrained ("hf") or open_clip.create_model("local-dir:<folder>")
-    ("open_clip") reads. Weights in torch's format: both read it, and it needs no extra package."""
+    """A plain CLIP (codyra.merge first) as a folder transformers' CLIPModel.from_pretrained ("hf")
+    or open_clip.create_model("local-dir:<folder>") reads; weights in torch's format, no package."""
     if format not in FILES:
         raise ValueError(f"export format {format!r}: expected {' or '.join(FILES)}")
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -492,17 +482,16 @@ def export(model, folder, format):
     c = shapes(sd)
     sd.pop("uses_gelu", None)
     if format == "hf":
-        def tower(width, layers, **more):  # heads 64 wide, as OpenAI's
-            return dict(hidden_size=width, num_hidden_layers=layers, **more,
+        def tower(side, **more):  # heads 64 wide, as OpenAI's
+            width = c[f"{side}_width"]
+            return dict(hidden_size=width, num_hidden_layers=c[f"{side}_layers"], **more,
                         num_attention_heads=width // 64, hidden_act=c["activation"],
                         intermediate_size=4 * width, projection_dim=c["embed_dim"])
         config = {"architectures": ["CLIPModel"], "model_type": "clip",
                   "projection_dim": c["embed_dim"],
-                  "text_config": tower(c["transformer_width"], c["transformer_layers"],
-                                       vocab_size=c["vocab_size"],
+                  "text_config": tower("transformer", vocab_size=c["vocab_size"],
                                        max_position_embeddings=c["context_length"]),
-                  "vision_config": tower(c["vision_width"], c["vision_layers"],
-                                         image_size=c["image_resolution"],
+                  "vision_config": tower("vision", image_size=c["image_resolution"],
                                          patch_size=c["vision_patch_size"])}
         sd = {rename(k, HF_KEYS): v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
     else:
