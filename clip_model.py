@@ -128,9 +128,8 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI's
 
 
 class ResidualAttentionBlock(nn.Module):
-    """x + attention(ln_1(x)), then + MLP(ln_2(x)). NOTE: the attention is four nn.Linear (q, k, v,
-    out), not nn.MultiheadAttention: that reads its weights directly, so an adapter wrapping
-    out_proj (or in_proj) would never run."""
+    """x + attention(ln_1(x)), then + MLP(ln_2(x)). NOTE: the attention is four nn.Linear, as
+    nn.MultiheadAttention reads its weights directly: an adapter wrapping them would never run."""
 
     def __init__(self, width, heads, causal, activation):
         super().__init__()
@@ -299,9 +298,8 @@ def build_model(state_dict):
     except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a size mismatch
         detail = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         detail = detail.replace("Error(s) in loading state_dict for CLIP: ", "") or type(e).__name__
-        raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass an unmodified "
-                            f"OpenAI CLIP ViT checkpoint ({', '.join(MODELS)}; ResNets are not "
-                            "supported) or one saved by this project") from None
+        raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass OpenAI's ViT "
+                            f"({', '.join(MODELS)}; no ResNet) or one this project saved") from None
     return model
 
 
