@@ -356,9 +356,7 @@ def load(path, seed=0):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["recipe"] != _recipe(seed):
             return None
-        model = clip_model.CLIP(**clip_model.CONFIGS["tiny"])
-        model.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
-        return model.eval()
+        return clip_model.build_model(saved["state_dict"]).eval()  # fp16 values, in fp32
     except Exception:  # noqa: BLE001  missing, truncated or foreign: made again by the caller
         return None
 
