@@ -424,8 +424,7 @@ def read_folder(folder):
         sd = load_file(st) if os.path.isfile(st) else read_file(pt)
     except ImportError:
         if not os.path.isfile(pt):
-            raise CLIPLoadError(f"{st} needs the safetensors package: pip install safetensors"
-                                ) from None
+            raise CLIPLoadError(f"{st} needs safetensors: pip install safetensors") from None
         sd = read_file(pt)
     if fmt == "hf":  # older files hold position_ids (0, 1, 2, ...), not a weight
         sd = {rename(k, HF_KEYS, reverse=True) or k: v for k, v in sd.items()
