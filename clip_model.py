@@ -451,9 +451,8 @@ def load(name_or_path, device="cpu", download_root=None):
             with open(os.path.join(repo, "refs", "main")) as f:
                 path = os.path.join(repo, "snapshots", f.read().strip())
         except OSError:
-            raise CLIPLoadError(f"hf-hub:{repo_id} is not in the Hugging Face cache (looked in "
-                                f"{repo}); download it once (hf download {repo_id}) or pass its "
-                                "folder") from None
+            raise CLIPLoadError(f"{path} is not in the Hugging Face cache (looked in {repo}); "
+                                f"run hf download {repo_id} once, or pass its folder") from None
     if not os.path.exists(path):
         raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file "
                             "or folder; pass one of those names, hf-hub:<id>, or a path")
