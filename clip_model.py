@@ -1,9 +1,7 @@
 """CLIP with a ViT image encoder, written from scratch so that every weight an adapter may wrap
 is a plain nn.Linear; it loads OpenAI's checkpoints, and its tokenizer gives OpenAI's ids.
-
 Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T tokens per sequence
-(G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size.
-"""
+(G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size."""
 import contextlib
 import functools
 import gzip
@@ -16,6 +14,7 @@ import os
 import shutil
 import urllib.request
 import warnings
+from collections import OrderedDict
 
 import ftfy
 import regex
@@ -122,59 +121,38 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention as four nn.Linear (q, k, v, out). NOTE: not nn.MultiheadAttention:
-    it reads its weights directly, so an adapter wrapping out_proj (or in_proj) would never run."""
-
-    def __init__(self, width, heads, causal):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width)
-                                                                for _ in range(4))
-
-    def forward(self, x):  # (B, T, D)
-        B, T, D = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh)
-        return self.out_proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-
-
 # NOTE: the weights do not say which one they were trained with: open_clip's own ViT-B/16
 # (LAION-2B, DataComp) has exactly OpenAI's keys but GELU; the wrong one loads and runs silently
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI's
                "gelu": F.gelu}  # exact (erf) GELU
 
 
-class MLP(nn.Module):
-    def __init__(self, width, activation):
-        super().__init__()
-        self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-        self.act = ACTIVATIONS[activation]
-
-    def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
 class ResidualAttentionBlock(nn.Module):
+    """x + attention(ln_1(x)), then + MLP(ln_2(x)). NOTE: the attention is four nn.Linear, as
+    nn.MultiheadAttention reads its weights directly: an adapter wrapping them would never run."""
+
     def __init__(self, width, heads, causal, activation):
         super().__init__()
-        self.ln_1, self.attn = LayerNorm(width), Attention(width, heads, causal)
-        self.ln_2, self.mlp = LayerNorm(width), MLP(width, activation)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, causal=False, activation="quick_gelu"):
-        super().__init__()
-        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal, activation)
-                                         for _ in range(layers)))
+        self.heads, self.causal, self.act = heads, causal, ACTIVATIONS[activation]
+        self.ln_1 = LayerNorm(width)
+        self.attn = nn.ModuleDict({f"{n}_proj": nn.Linear(width, width)
+                                   for n in ("q", "k", "v", "out")})
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width),
+                                      c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x):  # (B, T, D)
-        return self.resblocks(x)
+        (B, T, D), y = x.shape, self.ln_1(x)
+        q, k, v = (proj(y).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+                   for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh)
+        x = x + self.attn.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
+
+    @classmethod
+    def stack(cls, layers, *args):  # a tower, under OpenAI's keys: transformer.resblocks.{i}
+        blocks = nn.Sequential(*(cls(*args) for _ in range(layers)))
+        return nn.Sequential(OrderedDict(resblocks=blocks))
 
 
 class VisionTransformer(nn.Module):
@@ -187,7 +165,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, activation=activation)
+        self.transformer = ResidualAttentionBlock.stack(layers, width, heads, False, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -209,8 +187,8 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
                                         vision_layers, max(1, vision_width // 64), embed_dim,
                                         activation)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       causal=True, activation=activation)
+        self.transformer = ResidualAttentionBlock.stack(transformer_layers, transformer_width,
+                                                        transformer_heads, True, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -320,9 +298,8 @@ def build_model(state_dict):
     except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a size mismatch
         detail = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         detail = detail.replace("Error(s) in loading state_dict for CLIP: ", "") or type(e).__name__
-        raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass an unmodified "
-                            f"OpenAI CLIP ViT checkpoint ({', '.join(MODELS)}; ResNets are not "
-                            "supported) or one saved by this project") from None
+        raise CLIPLoadError(f"not a CLIP ViT state dict ({detail[:160]}); pass OpenAI's ViT "
+                            f"({', '.join(MODELS)}; no ResNet) or one this project saved") from None
     return model
 
 
@@ -364,8 +341,8 @@ def read_file(path):
     """The state dict in a weight file: OpenAI's TorchScript archive, a bare state dict, this
     project's checkpoint.pt ({"model": sd}) or the tiny world's file ({"state_dict": sd})."""
     try:
-        with warnings.catch_warnings():  # NOTE: torch deprecates TorchScript; OpenAI's files are it
-            warnings.simplefilter("ignore", FutureWarning)
+        # NOTE: torch deprecates TorchScript; OpenAI's files are it
+        with warnings.catch_warnings(action="ignore", category=FutureWarning):
             sd = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive: a state dict, or a dict holding one
         try:
@@ -439,39 +416,21 @@ def read_folder(folder):
     if activation not in ACTIVATIONS or heads != [64, 64]:
         raise CLIPLoadError(f"{folder}: activation {activation}, heads {heads} wide; this CLIP has "
                             f"one of {', '.join(ACTIVATIONS)} and 64-wide heads (OpenAI's layout)")
-    try:
-        from safetensors.torch import load_file  # optional, as transformers and open_clip are
-    except ImportError:
-        load_file = None
-    if os.path.isfile(st) and load_file:
-        sd = load_file(st)
-    elif os.path.isfile(pt):
-        sd = read_file(pt)
-    elif os.path.isfile(st):
-        raise CLIPLoadError(f"{st} needs the safetensors package: pip install safetensors")
-    else:
+    if not os.path.isfile(st) and not os.path.isfile(pt):
         raise CLIPLoadError(f"{folder} holds neither {os.path.basename(st)} nor "
                             f"{os.path.basename(pt)}; pass a folder that holds its weights")
+    try:  # safetensors is optional, as transformers and open_clip are
+        from safetensors.torch import load_file
+        sd = load_file(st) if os.path.isfile(st) else read_file(pt)
+    except ImportError:
+        if not os.path.isfile(pt):
+            raise CLIPLoadError(f"{st} needs safetensors: pip install safetensors") from None
+        sd = read_file(pt)
     if fmt == "hf":  # older files hold position_ids (0, 1, 2, ...), not a weight
         sd = {rename(k, HF_KEYS, reverse=True) or k: v for k, v in sd.items()
               if not k.endswith("position_ids")}
         sd = {k: v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
     return {**sd, "uses_gelu": torch.ones(())} if activation == "gelu" else sd
-
-
-def hf_cached(repo_id):
-    """The folder of a Hugging Face hub id in the local cache, laid out as huggingface_hub does
-    (models--org--name/refs/main names the snapshot); no network, no huggingface_hub needed."""
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
-    repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
-    try:
-        with open(os.path.join(repo, "refs", "main")) as f:
-            return os.path.join(repo, "snapshots", f.read().strip())
-    except OSError:
-        raise CLIPLoadError(f"hf-hub:{repo_id} is not in the Hugging Face cache (looked in "
-                            f"{repo}); download it once (hf download {repo_id}) or pass its "
-                            "folder") from None
 
 
 def load(name_or_path, device="cpu", download_root=None):
@@ -483,8 +442,17 @@ def load(name_or_path, device="cpu", download_root=None):
     if name_or_path in MODELS:
         root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
         path = _download(MODELS[name_or_path], root)
-    elif path.startswith("hf-hub:"):
-        path = hf_cached(path[len("hf-hub:"):])
+    elif path.startswith("hf-hub:"):  # laid out as huggingface_hub does; no network, no package
+        repo_id = path[len("hf-hub:"):]
+        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+        repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
+        try:  # refs/main names the snapshot
+            with open(os.path.join(repo, "refs", "main")) as f:
+                path = os.path.join(repo, "snapshots", f.read().strip())
+        except OSError:
+            raise CLIPLoadError(f"{path} is not in the Hugging Face cache (looked in {repo}); "
+                                f"run hf download {repo_id} once, or pass its folder") from None
     if not os.path.exists(path):
         raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file "
                             "or folder; pass one of those names, hf-hub:<id>, or a path")
@@ -493,9 +461,8 @@ def load(name_or_path, device="cpu", download_root=None):
 
 
 def export(model, folder, format):
-    """Write a plain CLIP (adapters merged first: codyra.merge) as a folder that
-    transformers.CLIPModel.from_pretrained ("hf") or open_clip.create_model("local-dir:<folder>")
-    ("open_clip") reads. Weights in torch's format: both read it, and it needs no extra package."""
+    """A plain CLIP (codyra.merge first) as a folder transformers' CLIPModel.from_pretrained ("hf")
+    or open_clip.create_model("local-dir:<folder>") reads; weights in torch's format, no package."""
     if format not in FILES:
         raise ValueError(f"export format {format!r}: expected {' or '.join(FILES)}")
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -504,17 +471,16 @@ def export(model, folder, format):
     c = shapes(sd)
     sd.pop("uses_gelu", None)
     if format == "hf":
-        def tower(width, layers, **more):  # heads 64 wide, as OpenAI's
-            return dict(hidden_size=width, num_hidden_layers=layers, **more,
+        def tower(side, **more):  # heads 64 wide, as OpenAI's
+            width = c[f"{side}_width"]
+            return dict(hidden_size=width, num_hidden_layers=c[f"{side}_layers"], **more,
                         num_attention_heads=width // 64, hidden_act=c["activation"],
                         intermediate_size=4 * width, projection_dim=c["embed_dim"])
         config = {"architectures": ["CLIPModel"], "model_type": "clip",
                   "projection_dim": c["embed_dim"],
-                  "text_config": tower(c["transformer_width"], c["transformer_layers"],
-                                       vocab_size=c["vocab_size"],
+                  "text_config": tower("transformer", vocab_size=c["vocab_size"],
                                        max_position_embeddings=c["context_length"]),
-                  "vision_config": tower(c["vision_width"], c["vision_layers"],
-                                         image_size=c["image_resolution"],
+                  "vision_config": tower("vision", image_size=c["image_resolution"],
                                          patch_size=c["vision_patch_size"])}
         sd = {rename(k, HF_KEYS): v.T if k in HF_TRANSPOSED else v for k, v in sd.items()}
     else:

@@ -37,6 +37,7 @@ _POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"]
                    ["bottom left", "bottom", "bottom right"]]
 WORLD_VERSION = 2  # NOTE: bump when the generator or the recipe changes: stale caches go unused
 PRETRAIN = dict(steps=5000, batch_size=64, lr=1e-3, warmup=50, weight_decay=0.1)
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip.pt")
 # --- drawing: every mask is a float coverage (RES, RES) in [0, 1], alpha-blended onto a canvas
 SUPERSAMPLE = 2  # masks are drawn at RES * SUPERSAMPLE per side and averaged (anti-aliasing)
 _HI = RES * SUPERSAMPLE
@@ -63,9 +64,7 @@ def shape_mask(shape, cx, cy, radius, angle=0.0):
         "cross": lambda: ((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)),
         "ring": lambda: (r2 <= 1) & (r2 >= 0.55 ** 2),
         "heart": lambda: (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0}
-    if shape not in inside:
-        raise ValueError(shape)
-    return _downsample(inside[shape]())
+    return _downsample(inside[shape]())  # KeyError: not one of SHAPES
 
 
 def pattern(kind, period, angle, phase):
@@ -83,19 +82,6 @@ def pattern(kind, period, angle, phase):
 
 def _arc(cx, cy, rx, ry, a0, a1, n=10):  # points of an elliptic arc; degrees, 0 right, 90 down
     return [(cx + rx * np.cos(t), cy + ry * np.sin(t)) for t in np.radians(np.linspace(a0, a1, n))]
-
-
-def strokes_mask(strokes, matrix, offset, width):
-    """Polylines mapped by p -> matrix @ p + offset, drawn with a pen `width` pixels wide."""
-    p = _PIXEL_CENTRES[::-1].reshape(2, -1).T  # (P, 2) as (x, y)
-    best = np.full(len(p), np.inf, dtype=np.float32)  # distance to the nearest stroke
-    for line in strokes:
-        q = np.asarray(line, dtype=np.float32) @ matrix.T + offset  # (K, 2)
-        a, ab = q[:-1], q[1:] - q[:-1]                                # segments (K-1, 2)
-        t = ((p[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)
-        closest = a + np.clip(t, 0, 1)[..., None] * ab                # (P, K-1, 2)
-        best = np.minimum(best, np.sqrt(((p[:, None] - closest) ** 2).sum(-1)).min(1))
-    return _downsample((best <= width / 2).reshape(_HI, _HI))
 
 
 def _paint(canvas, mask, rgb):  # a float (RES, RES, 3) canvas with a colour alpha-blended in
@@ -211,8 +197,7 @@ def draw_colours(rng, label):
 
 def draw_counts(rng, label):
     """label+1 small discs, squares or diamonds of one colour on a tinted, noisy table."""
-    table = _jitter(rng, (rng.uniform(30, 90), rng.uniform(30, 90), rng.uniform(30, 90)), 5)
-    canvas = np.full((RES, RES, 3), table, dtype=np.float32)
+    canvas = np.full((RES, RES, 3), _jitter(rng, rng.uniform(30, 90, 3), 5), np.float32)
     shape = ["circle", "square", "diamond"][rng.integers(3)]
     rgb = _jitter(rng, list(COLOURS.values())[rng.integers(len(COLOURS))], 20)
     r = rng.uniform(3.5, 4.5)
@@ -231,15 +216,23 @@ def draw_patterns(rng, label):
 
 
 def draw_digits(rng, label):
-    """A pen-drawn digit (random affine, pen width), white on black, MNIST-like."""
+    """A pen-drawn digit (random affine, pen width), white on black, MNIST-like: its strokes
+    (DIGIT_STROKES) mapped by p -> matrix @ p + offset, each pixel inked near enough to one."""
     angle, shear, scale = rng.normal(0, 0.15), rng.normal(0, 0.15), rng.uniform(18, 24)
     c, s = np.cos(angle), np.sin(angle)
     matrix = scale * np.array([[c, -s], [s, c]]) @ np.array([[1, shear], [0, 1]]) \
         @ np.diag([rng.uniform(0.8, 1.1), 1.0])
     offset = np.array([RES / 2, RES / 2]) - matrix @ np.array([0.5, 0.5]) + rng.uniform(-2, 2, 2)
-    strokes = [[(x + rng.normal(0, .02), y + rng.normal(0, .02)) for x, y in line]
-               for line in DIGIT_STROKES[str(label)]]
-    m = strokes_mask(strokes, np.float32(matrix), np.float32(offset), rng.uniform(2, 3.2))
+    p = _PIXEL_CENTRES[::-1].reshape(2, -1).T  # (P, 2) as (x, y)
+    best = np.full(len(p), np.inf, dtype=np.float32)  # distance to the nearest stroke
+    for line in DIGIT_STROKES[str(label)]:
+        line = [(x + rng.normal(0, .02), y + rng.normal(0, .02)) for x, y in line]
+        q = np.asarray(line, dtype=np.float32) @ np.float32(matrix).T + np.float32(offset)
+        a, ab = q[:-1], q[1:] - q[:-1]                                # segments (K-1, 2)
+        t = ((p[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)
+        closest = a + np.clip(t, 0, 1)[..., None] * ab                # (P, K-1, 2)
+        best = np.minimum(best, np.sqrt(((p[:, None] - closest) ** 2).sum(-1)).min(1))
+    m = _downsample((best <= rng.uniform(2, 3.2) / 2).reshape(_HI, _HI))
     return _to_uint8(_paint(np.zeros((RES, RES, 3), np.float32), m, (rng.uniform(200, 255),) * 3))
 
 
@@ -315,9 +308,8 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
     """A CLIP trained from scratch on fresh scenes (AdamW, warmup, cosine): (model, step losses)."""
     torch.manual_seed(seed)
     model = clip_model.CLIP(**clip_config).train()
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0}]
+    groups = [{"params": [p for p in model.parameters() if (p.ndim >= 2) == decay],
+               "weight_decay": weight_decay if decay else 0} for decay in (True, False)]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     preprocess = clip_model.preprocess(False, clip_config["image_resolution"])
     rng, t0, losses = _rng(seed, "pretrain"), time.time(), []
@@ -330,8 +322,7 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        model.logit_scale.data.clamp_(0, math.log(100))
         losses.append(loss.item())
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"pretrain step {step:4d}/{steps}  loss {loss.item():.3f}  "
@@ -339,16 +330,13 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
     return model.eval(), losses
 
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip.pt")
-
-
 def _recipe(seed):  # what fixes the pretrained weights; a file made by another recipe goes unused
     return json.dumps([WORLD_VERSION, clip_model.CONFIGS["tiny"], PRETRAIN, seed], sort_keys=True)
 
 
 def make(path, seed=0, log=print):
-    """Pretrain the tiny CLIP and write it to path rounded to fp16 (15 MB; a float16 is exact in
-    float32, so every machine starts from the same numbers), with the recipe and the platform."""
+    """Pretrain the tiny CLIP and write it to path in fp16 (15 MB; exact in fp32, so every machine
+    starts from the same numbers) with its recipe and platform."""
     began = time.time()
     model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)  # as they are now
     cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -363,15 +351,12 @@ def make(path, seed=0, log=print):
 
 
 def load(path, seed=0):
-    """The tiny CLIP saved at path (fp32, eval mode), or None when it is missing, unreadable
-    (truncated, not this file) or made by another recipe."""
+    """The tiny CLIP at path (fp32, eval mode); None if missing, unreadable or of another recipe."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["recipe"] != _recipe(seed):
             return None
-        model = clip_model.CLIP(**clip_model.CONFIGS["tiny"])
-        model.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
-        return model.eval()
+        return clip_model.build_model(saved["state_dict"]).eval()  # fp16 values, in fp32
     except Exception:  # noqa: BLE001  missing, truncated or foreign: made again by the caller
         return None
 
@@ -382,25 +367,23 @@ def cache_path(seed=0, cache_dir=None):  # a pretraining's cache file: named by 
 
 
 def pretrained(seed=0, cache_dir=None, log=print, shipped=SHIPPED):
-    """The pretrained tiny CLIP (eval mode): the one shipped in assets/ (`python tiny_world.py
-    --ship` made it, seed 0), else pretrained once on this machine and cached under a hash of its
-    recipe (another seed, or a changed recipe: that machine's floats then decide the weights)."""
+    """The pretrained tiny CLIP (eval mode): the shipped one (seed 0), else pretrained once here and
+    cached under a hash of its recipe (another seed or recipe: this machine's floats decide)."""
     path = cache_path(seed, cache_dir)
     if model := load(shipped, seed) or load(path, seed):
         return model
     if log:
         why = (f"{shipped} is unreadable or of another recipe (`git checkout assets/tiny_clip.pt` "
                "restores it); " if seed == 0 and os.path.exists(shipped) else "")
-        log(f"{why}pretraining the tiny CLIP: about 22 min on 2 CPU cores, once (cached in "
-            f"{path}); the numbers will differ from the README's")
+        log(f"{why}pretraining the tiny CLIP once: about 22 min on 2 CPU cores (cached in {path});"
+            " the numbers will differ from the README's")
     make(path, seed, log)
     return load(path, seed)  # rounded to fp16 like the shipped one
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Pretrain the tiny world's CLIP (about 22 min on 2 CPU "
-                                "cores) into ~/.cache/codyra; runs use it only when "
-                                "assets/tiny_clip.pt is missing or unreadable.")
+    p = argparse.ArgumentParser(description="Pretrain the tiny CLIP (about 22 min on 2 CPU cores) "
+                                "into ~/.cache/codyra, used if assets/tiny_clip.pt is unreadable.")
     p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--ship", action="store_true", help="write assets/tiny_clip.pt instead, the "
