@@ -121,6 +121,24 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention as four nn.Linear (q, k, v, out). NOTE: not nn.MultiheadAttention:
+    it reads its weights directly, so an adapter wrapping out_proj (or in_proj) would never run."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width)
+                                                                for _ in range(4))
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh)
+        return self.out_proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
 # NOTE: the weights do not say which one they were trained with: open_clip's own ViT-B/16
 # (LAION-2B, DataComp) has exactly OpenAI's keys but GELU; the wrong one loads and runs silently
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI's
@@ -128,25 +146,15 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI's
 
 
 class ResidualAttentionBlock(nn.Module):
-    """x + attention(ln_1(x)), then + MLP(ln_2(x)). NOTE: the attention is four nn.Linear, as
-    nn.MultiheadAttention reads its weights directly: an adapter wrapping them would never run."""
-
     def __init__(self, width, heads, causal, activation):
         super().__init__()
-        self.heads, self.causal, self.act = heads, causal, ACTIVATIONS[activation]
-        self.ln_1 = LayerNorm(width)
-        self.attn = nn.ModuleDict({f"{n}_proj": nn.Linear(width, width)
-                                   for n in ("q", "k", "v", "out")})
-        self.ln_2 = LayerNorm(width)
+        self.ln_1, self.attn = LayerNorm(width), Attention(width, heads, causal)
+        self.ln_2, self.act = LayerNorm(width), ACTIVATIONS[activation]
         self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width),
                                       c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x):  # (B, T, D)
-        (B, T, D), y = x.shape, self.ln_1(x)
-        q, k, v = (proj(y).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
-                   for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, Dh)
-        x = x + self.attn.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
 
     @classmethod
