@@ -14,7 +14,6 @@ import os
 import shutil
 import urllib.request
 import warnings
-from collections import OrderedDict
 
 import ftfy
 import regex
@@ -145,22 +144,35 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI's
                "gelu": F.gelu}  # exact (erf) GELU
 
 
+class MLP(nn.Module):
+    def __init__(self, width, activation):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads, causal, activation):
         super().__init__()
         self.ln_1, self.attn = LayerNorm(width), Attention(width, heads, causal)
-        self.ln_2, self.act = LayerNorm(width), ACTIVATIONS[activation]
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width),
-                                      c_proj=nn.Linear(4 * width, width)))
+        self.ln_2, self.mlp = LayerNorm(width), MLP(width, activation)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False, activation="quick_gelu"):
+        super().__init__()
+        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, causal, activation)
+                                         for _ in range(layers)))
 
     def forward(self, x):  # (B, T, D)
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
-
-    @classmethod
-    def stack(cls, layers, *args):  # a tower, under OpenAI's keys: transformer.resblocks.{i}
-        blocks = nn.Sequential(*(cls(*args) for _ in range(layers)))
-        return nn.Sequential(OrderedDict(resblocks=blocks))
+        return self.resblocks(x)
 
 
 class VisionTransformer(nn.Module):
@@ -173,7 +185,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = ResidualAttentionBlock.stack(layers, width, heads, False, activation)
+        self.transformer = Transformer(width, layers, heads, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -195,8 +207,8 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
                                         vision_layers, max(1, vision_width // 64), embed_dim,
                                         activation)
-        self.transformer = ResidualAttentionBlock.stack(transformer_layers, transformer_width,
-                                                        transformer_heads, True, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True, activation=activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)

@@ -159,7 +159,7 @@ def test_tiny_clip_round_trips(fmt, activation, tmp_path):
     ours = tiny_clip(activation)
     back = clip_model.load(clip_model.export(ours, str(tmp_path), fmt))
     assert_same_state(back, ours)
-    assert back.visual.transformer.resblocks[0].act is clip_model.ACTIVATIONS[activation]
+    assert back.visual.transformer.resblocks[0].mlp.act is clip_model.ACTIVATIONS[activation]
 
 
 def test_a_gelu_checkpoint_stays_gelu(tmp_path):
@@ -167,7 +167,7 @@ def test_a_gelu_checkpoint_stays_gelu(tmp_path):
     (its `uses_gelu` entry)."""
     torch.save({"model": tiny_clip("gelu").state_dict(), "task": 1}, tmp_path / "checkpoint.pt")
     back = clip_model.load(str(tmp_path / "checkpoint.pt"))
-    assert back.transformer.resblocks[0].act is clip_model.ACTIVATIONS["gelu"]
+    assert back.transformer.resblocks[0].mlp.act is clip_model.ACTIVATIONS["gelu"]
 
 
 def test_export_refuses_adapters(tmp_path):
