@@ -52,9 +52,8 @@ def weights(model, where=None):
 
 def snapshot(model, where=None):
     """A task's start, after codyra.inject: {adapter: copy of g}, or weights(model, where)."""
-    if codyra.adapters(model):
-        return {n: m.lora_g.detach().clone() for n, m in codyra.adapters(model)}
-    return weights(model, where)
+    gates = {n: m.lora_g.detach().clone() for n, m in codyra.adapters(model)}
+    return gates or weights(model, where)
 
 
 def low_rank_svd(B, A):
