@@ -52,9 +52,8 @@ def weights(model, where=None):
 
 def snapshot(model, where=None):
     """A task's start, after codyra.inject: {adapter: copy of g}, or weights(model, where)."""
-    if codyra.adapters(model):
-        return {n: m.lora_g.detach().clone() for n, m in codyra.adapters(model)}
-    return weights(model, where)
+    gates = {n: m.lora_g.detach().clone() for n, m in codyra.adapters(model)}
+    return gates or weights(model, where)
 
 
 def low_rank_svd(B, A):
@@ -67,9 +66,8 @@ def low_rank_svd(B, A):
 
 
 def amplification(W0, U, S, Vh, r):
-    """||dW||_F / ||U_r^T W0 V_r||_F for dW = U diag(S) Vh (S descending), U_r, V_r its top-r
-    singular vectors; None when dW = 0 or r = 0. As in LoRA 7.3 (Eq. 8 was lost in extraction), W0
-    is the weight dW is added to; r = rank(dW) frees the value of a basis of dW's null space."""
+    """||dW||_F / ||U_r^T W0 V_r||_F, dW = U diag(S) Vh (S descending), None if dW = 0 or r = 0.
+    As LoRA 7.3 (Eq. 8 was lost in extraction); r = rank(dW): no basis of dW's null space counts."""
     if r == 0 or len(S) == 0 or S.max() == 0:
         return None
     proj = U[:, :r].T @ (W0.to(U.dtype) @ Vh[:r].T)  # (r, r): W0 seen in dW's own subspaces
@@ -107,8 +105,7 @@ def drift(pretrained, model):
 
 
 def summarize_drift(d):
-    """{"norm"/"relative": {encoder: {type: x, "all": x}, "total": x}}: ||drift||_F of each group's
-    matrices, relative: over the group's ||W_pre||_F."""
+    """{"norm"/"relative": {encoder: {type: x, "all": x}, "total": x}}: each group's stacked."""
     groups = {(None, "total"): list(d)}
     for n in d:
         if site := codyra.clip_site(n):
@@ -151,9 +148,8 @@ def task_report(model, start, pretrained):
     """Everything of one task, JSON-ready; call it before codyra.merge. start: snapshot() at the
     task's start (without adapters, the update is measured against it); pretrained: weights()."""
     adapters, ranks = codyra.adapters(model), codyra.rank_stats(model)
-    after = None if adapters else weights(model, lambda n: n in start)
-    upd = ({n: adapter_update(m) for n, m in adapters} if adapters
-           else {n: weight_update(start[n], after[n]) for n in start})
+    upd = ({n: adapter_update(m) for n, m in adapters} if adapters else
+           {n: weight_update(start[n], w) for n, w in weights(model, start.__contains__).items()})
     report, norms = _report(upd, drift(pretrained, model)), [u["norm"] for u in upd.values()]
     pre = math.hypot(*(float(pretrained[n].norm()) for n in upd))
     # relative: ||dW_t||_F / ||W_pre||_F over the same matrices, comparable across scales
@@ -171,16 +167,14 @@ def task_report(model, start, pretrained):
 
 
 def compare(model_a, model_b, r=None, where=None):
-    """From A to B in the CLIP linears `where` (default all): task_report's "update", "drift",
-    "amplification" (against W_A, top r; default the rank) and "rank". NOTE: a full SVD per
-    matrix, ViT-B/16 ~2 min on two CPU cores."""
+    """task_report's "update", "rank", "amplification" (against W_A, top r; default the rank),
+    "drift" from A to B in CLIP's linears `where`. NOTE: a full SVD each: ViT-B/16 ~2 min, 2 CPUs"""
     wa, wb = (weights(m, where or codyra.clip_placement()) for m in (model_a, model_b))
     if {n: w.shape for n, w in wa.items()} != {n: w.shape for n, w in wb.items()}:
         raise ValueError("the two models have different architectures")
     upd = {n: weight_update(wa[n], wb[n].to(wa[n].device), r) for n in wa}
-    report = _report(upd, {n: (upd[n]["norm"], float(wa[n].norm())) for n in wa})
-    rank = {"grid": grid({n: u["rank"] for n, u in upd.items()}), "r": r}
-    return {"update": report["update"], "rank": rank, **report}  # keys in this order
+    return {"update": None, "rank": {"grid": grid({n: u["rank"] for n, u in upd.items()}), "r": r},
+            **_report(upd, {n: (upd[n]["norm"], float(wa[n].norm())) for n in wa})}  # update first
 
 
 def format_grids(grids, spec="", gap="   "):
@@ -208,8 +202,7 @@ def format_report(report):
         f"amplification {'-' if a is None else f'{a:.3g}'}",
         f"drift {d['norm']['total']:.3g} ({100 * d['relative']['total']:.2g}% of ||W_pre||_F)"]
     if g and None not in (g["mean_init_kept"], g["mean_init_pruned"]):
-        parts.append(f"|g_init| kept {g['mean_init_kept']:.2f} "
-                     f"vs pruned {g['mean_init_pruned']:.2f}")
+        parts += [f"|g_init| kept {g['mean_init_kept']:.2f} vs pruned {g['mean_init_pruned']:.2f}"]
     return "\n".join(lines + [" | ".join(parts)])
 
 
@@ -235,10 +228,9 @@ def can_plot():  # matplotlib installed?
 
 def plot(results, out):
     """Write accuracy.png, ranks.png (with adapters) and drift.png into `out`; returns the paths."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     import numpy as np
+    plt.switch_backend("Agg")  # files only, no display needed
     names, acc, reports = results["datasets"], np.array(results["acc"]), results["analysis"]
     done, figs = [f"{t + 1} {names[t]}" for t in range(len(acc))], {}
     # accuracy matrix: row t = evaluation after task t, column j = dataset j
@@ -255,15 +247,14 @@ def plot(results, out):
         encoders, top = list(reports[0]["ranks"]["grid"]), reports[0]["ranks"]["of"]
         figs["ranks.png"], axes = plt.subplots(len(encoders), len(reports), squeeze=False, figsize=(
             1.0 + 1.9 * len(reports), 0.6 + 1.9 * len(encoders)))
-        for t, rep in enumerate(reports):
-            for i, e in enumerate(encoders):
-                cells = np.array(rep["ranks"]["grid"][e], dtype=float).T
-                ax, layers = axes[i, t], range(cells.shape[1])  # cells (types, layers), None -> nan
-                im = ax.imshow(cells, vmin=0, vmax=top, cmap="magma", aspect="auto")
-                ax.set_yticks(range(len(TYPES)), TYPES if t == 0 else [""] * len(TYPES), fontsize=7)
-                ax.set_xticks(layers, [str(x) if x % 2 == 0 else "" for x in layers], fontsize=7)
-                ax.set_title(done[t] if i == 0 else "", fontsize=9)
-                ax.set(ylabel=e if t == 0 else "", xlabel="layer" if i == len(encoders) - 1 else "")
+        for i, t in np.ndindex(axes.shape):
+            cells = np.array(reports[t]["ranks"]["grid"][encoders[i]], dtype=float).T
+            ax, layers = axes[i, t], range(cells.shape[1])  # cells (types, layers), None -> nan
+            im = ax.imshow(cells, vmin=0, vmax=top, cmap="magma", aspect="auto")
+            ax.set_yticks(range(len(TYPES)), TYPES if t == 0 else [""] * len(TYPES), fontsize=7)
+            ax.set_xticks(layers, [str(x) if x % 2 == 0 else "" for x in layers], fontsize=7)
+            ax.set_title(done[t] if i == 0 else "", fontsize=9)
+            ax.set(ylabel=encoders[i] if t == 0 else "", xlabel="layer" * (i == len(encoders) - 1))
         figs["ranks.png"].colorbar(im, ax=axes, label=f"active ranks (of {top})")
     # drift from the pretrained weights after each task, and each task's own update
     figs["drift.png"], (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))

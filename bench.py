@@ -22,7 +22,6 @@ import functools
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -64,15 +63,13 @@ group.add_argument("--out", help="train.py's --out (default: in the benchmark's 
 args = p.parse_args()
 device = evaluation.pick_device(args.device)
 cuda = device.type == "cuda"
-sync = torch.cuda.synchronize if cuda else (lambda: None)  # wait for the GPU before a clock read
 if args.sequence:  # NOTE: `not 0 < scale <= 1` refuses NaN too (every comparison with it fails)
     args.scale = (1.0 if cuda else 0.01) if args.scale is None else args.scale
     if not 0 < args.scale <= 1 or any(n is not None and n < 1
                                       for n in (args.iterations, args.batch_size)):
         p.error("--scale must lie in (0, 1], --iterations and --batch-size be >= 1")
     size = args.model_size or ("ViT-B/16" if cuda else "tiny")
-    dryrun.main(args, device, size, SIZES[size])
-    sys.exit()
+    sys.exit(dryrun.main(args, device, size, SIZES[size]))
 
 # --- the speed table: model, prompts, a batch of images, a test set of generated JPEGs
 size = args.model_size or "ViT-B/16"
@@ -98,46 +95,32 @@ for path in paths:
 test = data.ImageSet(paths, [i % C for i in range(N)], clip_model.preprocess(False, R))
 
 
-def encode_text_full(m, toks):
-    """The plain path: every one of the 77 positions through the text tower."""
+def encode_text_full(m, toks):  # the plain path: every one of the 77 positions through the tower
     x = m.ln_final(m.transformer(m.token_embedding(toks) + m.positional_embedding))  # (N, 77, D)
     return x[torch.arange(len(x), device=x.device), toks.argmax(-1)] @ m.text_projection
 
 
 def full_text(m, on=True):  # within it, when on, m.encode_text takes the plain path
-    plain = mock.patch.object(m, "encode_text", functools.partial(encode_text_full, m))
-    return plain if on else contextlib.nullcontext()
+    return (mock.patch.object(m, "encode_text", functools.partial(encode_text_full, m)) if on
+            else contextlib.nullcontext())
 
 
-def inference(fn, *args, amp=False, full=False):
-    """fn(*args) as a call to time: no autograd, under autocast(amp) and full_text(model, full)."""
+def inference(fn, *args, amp=False, full=False):  # fn(*args) as a call to time, no autograd
     def run():
         with torch.no_grad(), autocast(enabled=amp), full_text(model, full):
             return fn(*args)
     return run
 
 
-def seconds(fn, n=1):  # per call, over n calls of fn, the GPU waited for
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / n
-
-
 def row(what, path, items, fn, n=iters):
-    """Time fn over n calls after one warm-up and add its row: a new group's plain one when `what`
-    names the group, else a row compared with that plain one."""
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    seconds(fn)  # the warm-up
-    s = seconds(fn, n)
+    """Time fn's n calls after a warm-up, a row: its group's plain one if `what` names a group."""
+    warm, timed = (dryrun.clock(f, cuda) for f in (fn, lambda: [fn() for _ in range(n)]))
+    s = timed[1] / n  # per call; the peak memory of both
     plain = s if what else next(r[3] for r in reversed(rows) if r[0])
-    rows.append((what, path, items / s, s, dryrun.peak_mb(cuda), plain))
+    rows.append((what, path, items / s, s, max(warm[2], timed[2]), plain))
 
 
-def evaluate(images):
-    """The whole evaluate() of one test set, as a call to time."""
+def evaluate(images):  # the whole evaluate() of one test set, as a call to time
     task = data.Task("bench", [f"class {c}" for c in range(C)], ["{}"], None, images)
     return lambda: evaluation.evaluate(model, [task], False, device, B, args.workers)
 
@@ -168,19 +151,17 @@ for prec, amp in AMP.items():
 if args.compile:
     trainee.visual.compile()
     trainee.transformer.compile()
-    first = seconds(train_step(trainee, False, False))
+    first = dryrun.clock(train_step(trainee, False, False), cuda)[1]
     row("", f"fast: fp32 + compile (first step {first:.0f}s)", B, train_step(trainee, False, False))
 del trainee
 
 # --- evaluation: the whole evaluate() of one test set (text features, loader, forward passes)
 row(f"evaluation, {N} JPEGs 500x375", "plain: fp32, 77 tokens, decode", N,
     inference(evaluate(test), amp=False, full=True), n=1)
-start = time.perf_counter()
-cached = test.cached("bench", os.path.join(tmp, "cache"), args.workers)
-build_s = time.perf_counter() - start
+cached, build_s, mb = dryrun.clock(lambda: test.cached("bench", f"{tmp}/cache", args.workers), cuda)
 for prec, amp in AMP.items():
     row("", f"fast: {prec}, cut, uint8 cache", N, inference(evaluate(cached), amp=amp), n=1)
-rows.append(("", "  (building the cache, once)", N / build_s, build_s, dryrun.peak_mb(cuda), None))
+rows.append(("", "  (building the cache, once)", N / build_s, build_s, mb, None))
 
 # --- text tower: cut vs 77 tokens; image inference: never-injected vs injected vs merged
 row(f"text tower, {C} prompts", "plain: fp32, 77 tokens", C,
@@ -189,14 +170,13 @@ for prec, amp in AMP.items():
     row("", f"fast: {prec}, cut to {L}", C, inference(model.encode_text, tokens, amp=amp))
 with torch.no_grad():
     same = torch.allclose(encode_text_full(model, tokens), model.encode_text(tokens), atol=1e-4)
-images = clip_model.normalize(pixels)
 injected = codyra.inject(copy.deepcopy(model), 16, where=codyra.clip_placement()).eval()
 for _, layer in codyra.adapters(injected):
     torch.nn.init.normal_(layer.lora_B, std=1e-3)  # so that merging changes the weights
-merged = codyra.merge(copy.deepcopy(injected))
 for what, path, m in (("image inference", "never-injected CLIP", model),
-                      ("", "adapters live (before merge)", injected), ("", "merged", merged)):
-    row(what, path, B, inference(m.encode_image, images))
+                      ("", "adapters live (before merge)", injected),
+                      ("", "merged", codyra.merge(copy.deepcopy(injected)))):
+    row(what, path, B, inference(m.encode_image, clip_model.normalize(pixels)))
 
 # --- report
 name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"

@@ -1,8 +1,7 @@
-"""Run train.py for several methods and seeds on one setting and print the mean and standard
-deviation of Transfer, Average, Last, the accuracy right after learning each task, the forgetting
-since, the held-out accuracy and the ranks CoDyRA kept (the zero-shot row above, the routed rows of
-train.py --routing below); each dataset's accuracy; the operating point beside the paper's. A
-finished run (--out/<method>-seed<seed>) is read, an interrupted one resumed: stop it at will.
+"""Run train.py for several methods and seeds on one setting; print the mean and standard deviation
+of every metric (zero-shot row above, train.py --routing's rows below), each dataset's accuracy, the
+operating point beside the paper's. A finished run (--out/<method>-seed<seed>) is read, an
+interrupted one resumed: stop it at will.
 
     python compare.py                                  # tiny world: codyra, lora, full x seeds 0-2
     python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
@@ -43,10 +42,9 @@ for method in methods:
         out = os.path.join(args.out, f"{method}-seed{seed}")
         path = os.path.join(out, "results.json")
         if not (os.path.exists(path) and "metrics" in json.load(open(path))):
-            again = os.path.exists(os.path.join(out, "checkpoint.pt"))
             cmd = [sys.executable, "train.py", "--setting", args.setting, "--data-dir",
-                   args.data_dir, "--method", method, "--seed", str(seed), "--out", out,
-                   "--resume" if again else "--overwrite", *args.extra]
+                   args.data_dir, "--method", method, "--seed", str(seed), "--out", out, "--resume"
+                   if os.path.exists(f"{out}/checkpoint.pt") else "--overwrite", *args.extra]
             print("$ " + " ".join(cmd[1:]), flush=True)
             if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
                               stdout=subprocess.DEVNULL).returncode:
@@ -72,15 +70,26 @@ def row(label, cells, kept=""):
 
 
 def held_out(rs, key="last"):  # mean accuracy on the datasets never trained (Table 4)
-    values = [statistics.mean(r["holdout"][key]) for r in rs if r.get("holdout", {}).get(key)]
-    return mean_std(values) if values else "-"
+    return mean_std([statistics.mean(r["holdout"][key]) for r in rs
+                     if r.get("holdout", {}).get(key)])
 
 
 def cells(rs):  # Transfer, Average, Last, learned (the diagonal: plasticity), forgetting
-    means = [mean_std([r["metrics"][k]["mean"] for r in rs]) for k in ("transfer", "average",
-                                                                       "last")]
     learned = [statistics.mean(r["acc"][t][t] for t in range(len(r["acc"]))) for r in rs]
-    return means + [mean_std(learned), mean_std([forgetting(r["acc"]) for r in rs])]
+    return [mean_std([r["metrics"][k]["mean"] for r in rs]) for k in ("transfer", "average", "last")
+            ] + [mean_std(learned), mean_std([forgetting(r["acc"]) for r in rs])]
+
+
+def per_seed(method, fn, tasks=False):  # fn of each seed's run (tasks: of its tasks', averaged)
+    return [statistics.mean(map(fn, r["analysis"])) if tasks else fn(r)
+            for r in runs.get(method, [])]
+
+
+def ratio(a, b):  # CoDyRA's value over LoRA's, with both
+    if not a or not b or None in a + b:  # a method not run; forgetting of a single task
+        return "-"
+    a, b = statistics.mean(a), statistics.mean(b)
+    return f"{f'{a / b:.2f}' if b else '-'} ({a:.2f} / {b:.2f})"
 
 
 print(f"\n{args.setting}: mean ± std over seeds {args.seeds} (accuracy %)")
@@ -101,10 +110,9 @@ for method in methods:
             print(row(f" + {name}", cells(routed)))
 for name in (n for n in routers if n != "oracle"):  # how often the router was right
     summaries = [r["routed"][name]["routing_summary"] for r in every if name in r.get("routed", {})]
-    unseen = [x["unseen"] for x in summaries if x["unseen"] is not None]
     print(f"{name} routing, all runs: seen domains routed right "
           f"{mean_std([x['seen'] for x in summaries])} %, unseen ones recognised "
-          f"{mean_std(unseen) if unseen else '-'} %")
+          f"{mean_std([x['unseen'] for x in summaries if x['unseen'] is not None])} %")
 
 print("\nper dataset: zero-shot, then each method's accuracy right after learning it -> at the end")
 print(f"{'':<10}{'zero-shot':>10}" + "".join(f"{m:>22}" for m in methods))
@@ -122,30 +130,13 @@ PAPER = {"ranks": 8.3, "update": {"codyra": 3.22, "lora": 7.44},
          "forgetting": {"codyra": 1.87, "lora": 14.86},
          "transfer": {"codyra": 63.2 - 62.4, "lora": 61.8 - 62.4},
          "last": {"codyra": 79.2 - 58.5, "lora": 59.4 - 58.5}}
-
-
-def per_seed(method, fn, tasks=False):  # fn of each seed's run (tasks: of its tasks', averaged)
-    if method in runs:
-        return [statistics.mean(map(fn, r["analysis"])) if tasks else fn(r) for r in runs[method]]
-
-
-def ratio(a, b):  # CoDyRA's value over LoRA's, with both
-    if a is None or b is None or None in a + b:  # forgetting of a single task
-        return "-"
-    a, b = statistics.mean(a), statistics.mean(b)
-    return f"{f'{a / b:.2f}' if b else '-'} ({a:.2f} / {b:.2f})"
-
-
-def over_lora(label, key, fn, tasks=False):  # a row: the paper's PAPER[key] CoDyRA / LoRA; fn's
-    return (label, ratio([PAPER[key]["codyra"]], [PAPER[key]["lora"]]),
-            ratio(*(per_seed(m, fn, tasks) for m in ("codyra", "lora"))))
-
-
 stats = [("mean ranks kept of 16", f"{PAPER['ranks']}",
-          mean_std(per_seed("codyra", lambda a: a["ranks"]["mean"], True) or [None])),
-         over_lora("per-task ||dW||_F, codyra / lora", "update",
-                   lambda a: a["update"]["total"], tasks=True),
-         over_lora("forgetting, codyra / lora", "forgetting", lambda r: forgetting(r["acc"]))]
+          mean_std(per_seed("codyra", lambda a: a["ranks"]["mean"], True)))]
+for key, fn, tasks in (("update", lambda a: a["update"]["total"], True),
+                       ("forgetting", lambda r: forgetting(r["acc"]), False)):
+    label = "per-task ||dW||_F" if tasks else key  # the paper's CoDyRA / LoRA, then fn's
+    stats.append((f"{label}, codyra / lora", ratio([PAPER[key]["codyra"]], [PAPER[key]["lora"]]),
+                  ratio(*(per_seed(m, fn, tasks) for m in ("codyra", "lora")))))
 stats += [(f"per-task ||dW||_F / ||W_pre||_F (%), {m}", "-", mean_std(per_seed(
     m, lambda a: 100 * (a["update"].get("relative") or math.nan), True))) for m in methods]
 for key, method in [(k, m) for k in ("transfer", "last") for m in methods if "zero_shot" in first]:
@@ -173,9 +164,7 @@ if args.plot:  # one panel per domain: its accuracy after every task, each metho
         if "zero_shot" in first:
             ax.axhline(first["zero_shot"][j], color="k", ls="--", lw=1, label="zero-shot")
         ax.axvspan(j + 0.5, j + 1.5, color="0.9", zorder=0)  # the task that learns this domain
-        ax.set_xticks(list(steps), ["0"] + [str(t) for t in steps[1:]])
-        ax.set(title=name, xlabel="after task")
-    axes[0][0].set_ylabel("accuracy (%)")
+        ax.set(title=name, xlabel="after task", xticks=steps, ylabel="accuracy (%)" * (j == 0))
     axes[0][-1].legend(fontsize=7)
     fig.savefig(args.plot, dpi=110, bbox_inches="tight")
     print(f"wrote {args.plot}")

@@ -86,8 +86,7 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None
     model.eval()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
     if times is not None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # the GPU's work too
+        torch.cuda.synchronize() if device.type == "cuda" else None  # the GPU's work too
         times["eval_text"] = time.time() - began
     every_class, row = torch.cat(texts), []  # (sum of C, E): the union label space
     for task, text, offset in zip(tasks, texts, data.union_offsets(tasks)):
@@ -110,8 +109,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser(description):
-    """argparse with the flags of both scripts, and its groups data, model, system by title: it
-    shows every default in --help and refuses a flag in one line."""
+    """argparse of both scripts' flags and its groups by title; shows defaults, errors in a line."""
     p = argparse.ArgumentParser(description=description, formatter_class=_DefaultsShown)
     p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")
     groups = {title: p.add_argument_group(title) for title in ("data", "model", "system")}
@@ -188,10 +186,9 @@ def load_setting(args, shots=None):
                                                args.holdout)
         else:
             def load(shots, names):  # tiny: generated in memory
-                if args.setting == "tiny":
-                    return tiny_world.tasks(shots, args.seed, names)
-                return data.load_tasks(args.setting, args.data_dir, shots, args.seed, names,
-                                       args.download, args.layout, args.prompts)
+                return (tiny_world.tasks(shots, args.seed, names) if args.setting == "tiny" else
+                        data.load_tasks(args.setting, args.data_dir, shots, args.seed, names,
+                                        args.download, args.layout, args.prompts))
             tasks = load(shots, args.datasets)
             holdout = load(None, args.holdout) if args.holdout else []
             for task in holdout:  # CIFAR100's training arrays: not needed
