@@ -273,8 +273,10 @@ def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_air
 
 
 def _cifar100(folder):
-    class ArraysOnly(pickle.Unpickler):  # CIFAR's pickles could run code: load only dicts,
-        def find_class(self, module, name):  # lists, strings, numbers and arrays
+    # CIFAR's files are pickles, which can run code: load only dicts, lists, strings, numbers and
+    # NumPy arrays, as weights_only does for torch files
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
             if (module, name) not in {("numpy", "ndarray"), ("numpy", "dtype"),
                                       ("numpy.core.multiarray", "_reconstruct"),
                                       ("numpy._core.multiarray", "_reconstruct")}:

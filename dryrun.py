@@ -164,10 +164,12 @@ def peak_mb(cuda):
 
 def clock(fn, cuda, host=False):
     """(fn(), seconds, peak MB: on CUDA the call's GPU memory unless host; else the process's)."""
-    torch.cuda.reset_peak_memory_stats() if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     result = fn()
-    torch.cuda.synchronize() if cuda else None
+    if cuda:
+        torch.cuda.synchronize()
     return result, time.perf_counter() - began, peak_mb(cuda and not host)
 
 

@@ -86,7 +86,8 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None
     model.eval()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
     if times is not None:
-        torch.cuda.synchronize() if device.type == "cuda" else None  # the GPU's work too
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the GPU's work too
         times["eval_text"] = time.time() - began
     every_class, row = torch.cat(texts), []  # (sum of C, E): the union label space
     for task, text, offset in zip(tasks, texts, data.union_offsets(tasks)):
