@@ -259,7 +259,8 @@ def main():
         if args.export[0] not in clip_model.FILES:
             p.error(f"--export {args.export[0]}: expected {' or '.join(clip_model.FILES)}")
         try:
-            model = clip_model.load(args.model or "ViT-B/16")
+            model = (tiny_world.pretrained() if args.model == "tiny" else  # as load_setting
+                     clip_model.load(args.model or "ViT-B/16"))
             return print(f"wrote {clip_model.export(model, args.export[1], args.export[0])}")
         except (clip_model.CLIPLoadError, OSError) as e:
             sys.exit(f"error: {e}")

@@ -191,6 +191,14 @@ def test_eval_export_writes_the_checkpoint(small_weights, tmp_path, monkeypatch,
 # the shipped tiny CLIP
 
 
+def test_eval_exports_the_shipped_tiny_clip_by_name(tmp_path, monkeypatch):
+    """python eval.py --model tiny --export hf FOLDER writes the shipped tiny CLIP."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--export", "hf",
+                                      str(tmp_path / "hf")])
+    evaluation.main()
+    assert_same_state(clip_model.load(str(tmp_path / "hf")), tiny_world.pretrained())
+
+
 def test_shipped_tiny_clip_loads():
     """clip_model.load reads assets/tiny_clip.pt to the model tiny_world reads from it."""
     assert_same_state(clip_model.load(tiny_world.SHIPPED), tiny_world.load(tiny_world.SHIPPED))
