@@ -168,7 +168,7 @@ def task_report(model, start, pretrained):
 
 def compare(model_a, model_b, r=None, where=None):
     """task_report's "update", "rank", "amplification" (against W_A, top r; default the rank),
-    "drift" from A to B in CLIP's linears `where`. NOTE: a full SVD each: ViT-B/16, 2 min on 2 CPUs"""
+    "drift" from A to B in CLIP's linears `where`. NOTE: a full SVD each (ViT-B/16: 2 min, CPU)."""
     wa, wb = (weights(m, where or codyra.clip_placement()) for m in (model_a, model_b))
     if {n: w.shape for n, w in wa.items()} != {n: w.shape for n, w in wb.items()}:
         raise ValueError("the two models have different architectures")
