@@ -219,12 +219,13 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
         for tower in (self.transformer, self.visual.transformer):
-            for block in tower.resblocks:  # its linears: q, k, v, out, c_fc, c_proj
+            for block in tower.resblocks:
                 width = block.ln_1.weight.shape[0]
                 proj_std = width ** -0.5 * (2 * len(tower.resblocks)) ** -0.5
-                linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
-                stds = [width ** -0.5] * 3 + [proj_std, (2 * width) ** -0.5, proj_std]
-                for linear, std in zip(linears, stds):
+                attn, mlp = block.attn, block.mlp
+                for linear, std in [(attn.q_proj, width ** -0.5), (attn.k_proj, width ** -0.5),
+                                    (attn.v_proj, width ** -0.5), (attn.out_proj, proj_std),
+                                    (mlp.c_fc, (2 * width) ** -0.5), (mlp.c_proj, proj_std)]:
                     nn.init.normal_(linear.weight, std=std)
                     nn.init.zeros_(linear.bias)
 
@@ -280,15 +281,23 @@ class CLIPLoadError(Exception):
     """Weights could not be loaded; the message is one line that says what to do."""
 
 
-def unpacked(sd, pack=False):
-    """OpenAI's (and open_clip's) keys, [q; k; v] packed in one in_proj, -> ours; pack: inverse."""
-    sd, sep = dict(sd), ".attn.q_proj." if pack else ".attn.in_proj_"
-    for prefix, kind in [k.split(sep) for k in sd if sep in k]:
-        qkv = [f"{prefix}.attn.{n}_proj.{kind}" for n in "qkv"]
-        if pack:
-            sd[f"{prefix}.attn.in_proj_{kind}"] = torch.cat([sd.pop(k) for k in qkv])
-        else:
-            sd.update(zip(qkv, sd.pop(f"{prefix}{sep}{kind}").chunk(3)))
+def unpacked(sd):
+    """OpenAI's (and open_clip's) keys -> ours: their attention packs rows [q; k; v] in one."""
+    sd = dict(sd)
+    for key in [k for k in sd if ".attn.in_proj_" in k]:
+        prefix, kind = key.split(".in_proj_")
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd.pop(key).chunk(3)):
+            sd[f"{prefix}.{name}.{kind}"] = part
+    return sd
+
+
+def packed(sd):
+    """Ours -> OpenAI's keys, the inverse of unpacked."""
+    sd = dict(sd)
+    for key in [k for k in sd if ".attn.q_proj." in k]:
+        prefix, kind = key.split(".q_proj.")
+        sd[f"{prefix}.in_proj_{kind}"] = torch.cat([sd.pop(f"{prefix}.{n}_proj.{kind}")
+                                                    for n in "qkv"])
     return sd
 
 
@@ -512,7 +521,7 @@ def export(model, folder, format):
         config = {"model_cfg": {"embed_dim": c["embed_dim"], "text_cfg": text, "vision_cfg": vision,
                                 "quick_gelu": c["activation"] == "quick_gelu"},
                   "preprocess_cfg": {"mean": MEAN, "std": STD}}
-        sd = unpacked(sd, pack=True)
+        sd = packed(sd)
     os.makedirs(folder, exist_ok=True)
     config_file, stale, weights = (os.path.join(folder, name) for name in FILES[format])
     with atomic(config_file) as tmp, open(tmp, "w") as f:

@@ -81,8 +81,9 @@ def inject(model, rank, where=None):
     for (name, linear), parent in zip(targets, parents):
         setattr(parent, name.rpartition(".")[2], CoDyRALinear(linear, rank))
     model.requires_grad_(False)
-    for p in [p for _, m in adapters(model) for p in (m.lora_A, m.lora_B, m.lora_g)]:
-        p.requires_grad_(True)
+    for _, m in adapters(model):
+        for p in (m.lora_A, m.lora_B, m.lora_g):
+            p.requires_grad_(True)
     return model
 
 

@@ -116,12 +116,15 @@ for name in (n for n in routers if n != "oracle"):  # how often the router was r
 
 print("\nper dataset: zero-shot, then each method's accuracy right after learning it -> at the end")
 print(f"{'':<10}{'zero-shot':>10}" + "".join(f"{m:>22}" for m in methods))
-for j, name in enumerate(first["datasets"] + held.get("datasets", [])):  # then those never trained
-    of, i = (first, j) if j < T else (held, j - T)
-    line = [(mean_std([r["acc"][j][j] for r in runs[m]]) if j < T else "(held out)") + " -> " +
-            format(statistics.mean(r["acc"][-1][j] if j < T else r["holdout"]["last"][i]
-                                   for r in runs[m]), "4.1f") for m in methods]
-    zero = f"{of['zero_shot'][i]:.1f}" if "zero_shot" in of else "-"
+for j, name in enumerate(first["datasets"]):
+    line = [f"{mean_std([r['acc'][j][j] for r in runs[m]])} -> "
+            f"{statistics.mean(r['acc'][-1][j] for r in runs[m]):4.1f}" for m in methods]
+    zero = f"{first['zero_shot'][j]:.1f}" if "zero_shot" in first else "-"
+    print(f"{name[:9]:<10}{zero:>10}" + "".join(f"{c:>22}" for c in line))
+for j, name in enumerate(held.get("datasets", [])):  # never trained
+    line = [f"(held out) -> {statistics.mean(r['holdout']['last'][j] for r in runs[m]):4.1f}"
+            for m in methods]
+    zero = f"{held['zero_shot'][j]:.1f}" if "zero_shot" in held else "-"
     print(f"{name[:9]:<10}{zero:>10}" + "".join(f"{c:>22}" for c in line))
 
 # --- the operating point: this run's statistics beside the paper's on X-TAIL (ViT-B/16): Table 1
@@ -164,7 +167,8 @@ if args.plot:  # one panel per domain: its accuracy after every task, each metho
         if "zero_shot" in first:
             ax.axhline(first["zero_shot"][j], color="k", ls="--", lw=1, label="zero-shot")
         ax.axvspan(j + 0.5, j + 1.5, color="0.9", zorder=0)  # the task that learns this domain
-        ax.set(title=name, xlabel="after task", xticks=steps, ylabel="accuracy (%)" * (j == 0))
+        ax.set(title=name, xlabel="after task", xticks=steps)
+    axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7)
     fig.savefig(args.plot, dpi=110, bbox_inches="tight")
     print(f"wrote {args.plot}")

@@ -53,18 +53,26 @@ def shape_mask(shape, cx, cy, radius, angle=0.0):
     dy, dx = (_PIXEL_CENTRES[0] - cy) / radius, (_PIXEL_CENTRES[1] - cx) / radius
     c, s = np.cos(angle), np.sin(angle)
     u, v = c * dx + s * dy, -s * dx + c * dy  # in radii, v pointing down
-    r2, x, y = u * u + v * v, 1.25 * u, -1.25 * v + 0.25  # x, y: the heart's frame
-    inside = {  # computed for the shape asked only; the triangle is equilateral, pointing up
-        "circle": lambda: r2 <= 1,
-        "square": lambda: np.maximum(abs(u), abs(v)) <= 0.8,
-        "triangle": lambda: (v <= 0.5) & (np.sqrt(3) * u - v <= 1) & (-np.sqrt(3) * u - v <= 1),
-        "diamond": lambda: abs(u) / 0.8 + abs(v) <= 1,
-        "star": lambda: np.sqrt(r2) <= 0.45 + 0.55 * abs(  # 5 tips; radius 1 there, 0.45 between
-            ((np.arctan2(u, -v) / (2 * np.pi / 5)) % 1.0 - 0.5) * 2),  # -1..1, 0 between tips
-        "cross": lambda: ((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)),
-        "ring": lambda: (r2 <= 1) & (r2 >= 0.55 ** 2),
-        "heart": lambda: (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0}
-    return _downsample(inside[shape]())  # KeyError: not one of SHAPES
+    r2 = u * u + v * v
+    if shape == "circle":
+        return _downsample(r2 <= 1)
+    if shape == "square":
+        return _downsample(np.maximum(abs(u), abs(v)) <= 0.8)
+    if shape == "triangle":  # equilateral, pointing up
+        return _downsample((v <= 0.5) & (np.sqrt(3) * u - v <= 1) & (-np.sqrt(3) * u - v <= 1))
+    if shape == "diamond":
+        return _downsample(abs(u) / 0.8 + abs(v) <= 1)
+    if shape == "star":  # 5 points; radius falls linearly from 1 at a tip to 0.45 between tips
+        frac = ((np.arctan2(u, -v) / (2 * np.pi / 5)) % 1.0 - 0.5) * 2  # -1..1, 0 between tips
+        return _downsample(np.sqrt(r2) <= 0.45 + 0.55 * abs(frac))
+    if shape == "cross":
+        return _downsample(((abs(u) <= 1) & (abs(v) <= 0.3)) | ((abs(u) <= 0.3) & (abs(v) <= 1)))
+    if shape == "ring":
+        return _downsample((r2 <= 1) & (r2 >= 0.55 ** 2))
+    if shape == "heart":
+        x, y = 1.25 * u, -1.25 * v + 0.25
+        return _downsample((x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0)
+    raise ValueError(shape)
 
 
 def pattern(kind, period, angle, phase):
@@ -308,8 +316,9 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
     """A CLIP trained from scratch on fresh scenes (AdamW, warmup, cosine): (model, step losses)."""
     torch.manual_seed(seed)
     model = clip_model.CLIP(**clip_config).train()
-    groups = [{"params": [p for p in model.parameters() if (p.ndim >= 2) == decay],
-               "weight_decay": weight_decay if decay else 0} for decay in (True, False)]
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     preprocess = clip_model.preprocess(False, clip_config["image_resolution"])
     rng, t0, losses = _rng(seed, "pretrain"), time.time(), []
@@ -322,7 +331,8 @@ def pretrain(seed=0, clip_config=clip_model.CONFIGS["tiny"], steps=PRETRAIN["ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        model.logit_scale.data.clamp_(0, math.log(100))
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"pretrain step {step:4d}/{steps}  loss {loss.item():.3f}  "
