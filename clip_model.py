@@ -4,6 +4,7 @@ Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T token
 (G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size."""
 import contextlib
 import functools
+import glob
 import gzip
 import hashlib
 import html
@@ -334,8 +335,17 @@ def build_model(state_dict):
 
 @contextlib.contextmanager
 def atomic(path):
-    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files,
+    whichever writer renames first. The name holds machine and process, unique on a filesystem
+    shared by several machines; what killed writers of this machine left goes first."""
+    mine = f"{path}.{os.uname().nodename}-"
+    for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # kept: a machine named longer, a live
+        with contextlib.suppress(ValueError, PermissionError, FileNotFoundError):  # other user's
+            try:  # process, one another writer removed first
+                os.kill(int(stale[len(mine):-4]), 0)
+            except ProcessLookupError:  # its writer is gone
+                os.remove(stale)
+    tmp = f"{mine}{os.getpid()}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)
