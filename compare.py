@@ -58,36 +58,34 @@ def results(method, seed):  # a run's results.json ({} before it starts)
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # a run's cores: threads, --workers
 todo = []  # (run, its folder, its train.py command) of each run not finished
 for method, seed in [(m, s) for m in methods for s in seeds if "metrics" not in results(m, s)]:
     out = os.path.join(args.out, f"{method}-seed{seed}")
     todo.append((f"{method} seed {seed}", out, [
         sys.executable, os.path.join(os.path.dirname(__file__), "train.py"), "--setting",
         args.setting, "--data-dir", args.data_dir, "--method", method, "--seed", str(seed), "--out",
-        out, "--resume" if os.path.exists(f"{out}/checkpoint.pt") else "--overwrite", *args.extra]))
+        out, "--resume" if os.path.exists(f"{out}/checkpoint.pt") else "--overwrite",
+        *["--workers", share] * bool(args.devices), *args.extra]))  # a --workers there wins
 if args.commands:  # for a cluster's scheduler: docs/sweeps.md
     sys.exit(print(*(shlex.join(cmd) for *_, cmd in todo), sep="\n") if todo else None)
 
 # --- the runs, one a device at a time, each one's output in its train.log
-share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # a run's cores: threads, --workers
 env = {"OMP_NUM_THREADS": share, **os.environ} if args.devices else None  # a set one wins
-workers = ["--workers", share] * bool(args.devices and "--workers" not in [
-    a.split("=")[0] for a in args.extra])
 running, failed = {}, 0  # process -> (run, command, log, device)
-signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the runs as Ctrl-C does
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`: as Ctrl-C
 try:
     while todo or running:
-        if todo and devices:  # the next run on a free device
+        while todo and devices:  # the next run on a free device
             (run, out, cmd), device = todo.pop(0), devices.pop(0)
-            cmd += ["--device", device] * bool(device) + workers
+            cmd += ["--device", device] * bool(device)
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "train.log"), "a") as log:  # the run holds its own copy
                 print(f"{time.strftime('%F %T')} $ {shlex.join(cmd)}", file=log, flush=True)
-                running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)] = run, cmd, log.name, device
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[proc] = run, cmd, log.name, device
             print(f"{time.strftime('%T')} started {run}{' on ' + device if device else ''}, "
                   f"output in {log.name}", flush=True)
-            continue
         time.sleep(0.5)
         for proc in [q for q in running if q.poll() is not None]:  # finished or failed
             run, cmd, log, device = running.pop(proc)
@@ -97,9 +95,9 @@ try:
                   f"{time.strftime('%T')} failed {run} ({why.strip()})\n  $ {shlex.join(cmd)}",
                   flush=True)
             failed += bool(why)
-except KeyboardInterrupt:  # the runs, in sessions of their own, stop as on Ctrl-C
+except KeyboardInterrupt:  # the runs stop too, keeping their finished tasks (atomic writes)
     for proc in running:
-        proc.send_signal(signal.SIGINT)
+        proc.terminate()  # NOTE: not SIGINT, which a run started in the background ignores
     for proc in running:
         proc.wait()
     sys.exit("\ninterrupted: the same command resumes every unfinished run")
