@@ -335,16 +335,17 @@ def build_model(state_dict):
 
 @contextlib.contextmanager
 def atomic(path):
-    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files,
-    whichever writer renames first. The name holds machine and process, unique on a filesystem
-    shared by several machines; what killed writers of this machine left goes first."""
+    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files.
+    The name holds machine and process: two writers, even on two machines, never share one."""
     mine = f"{path}.{os.uname().nodename}-"
-    for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # kept: a machine named longer, a live
-        with contextlib.suppress(ValueError, PermissionError, FileNotFoundError):  # other user's
-            try:  # process, one another writer removed first
-                os.kill(int(stale[len(mine):-4]), 0)
-            except ProcessLookupError:  # its writer is gone
+    for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # of this machine: is its writer gone?
+        try:
+            os.kill(int(stale[len(mine):-4]), 0)
+        except ProcessLookupError:  # killed: remove what it left, unless another writer did
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
+        except (ValueError, PermissionError):  # a machine whose name extends this one's; alive
+            pass
     tmp = f"{mine}{os.getpid()}.tmp"
     try:
         yield tmp

@@ -91,14 +91,12 @@ try:
             run, cmd, log, device = running.pop(proc)
             devices.append(device)
             why = proc.returncode and f"exit {proc.returncode}, {open(log).readlines()[-1]}"
-            print(f"{time.strftime('%T')} finished {run}" if not why else
-                  f"{time.strftime('%T')} failed {run} ({why.strip()})\n  $ {shlex.join(cmd)}",
-                  flush=True)
+            print(time.strftime("%T"), f"failed {run} ({why.strip()})\n  $ {shlex.join(cmd)}"
+                  if why else f"finished {run}", flush=True)
             failed += bool(why)
 except KeyboardInterrupt:  # the runs stop too, keeping their finished tasks (atomic writes)
-    for proc in running:
-        proc.terminate()  # NOTE: not SIGINT, which a run started in the background ignores
-    for proc in running:
+    for proc in running:  # NOTE: SIGTERM, as a run started in the background ignores SIGINT
+        proc.terminate()
         proc.wait()
     sys.exit("\ninterrupted: the same command resumes every unfinished run")
 if failed:

@@ -198,7 +198,8 @@ def test_another_machines_write_to_a_shared_cache_is_left_alone(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     with mock.patch("os.getpid", return_value=int(dead)), \
-            mock.patch("os.uname", return_value=types.SimpleNamespace(nodename="elsewhere")):
+            mock.patch("os.uname", return_value=types.SimpleNamespace(  # a name that extends
+                nodename=os.uname().nodename + "-b")):  # this one's: the hardest to tell apart
         theirs = clip_model.atomic(path)
         tmp = theirs.__enter__()
     open(tmp, "w").write("their copy")
