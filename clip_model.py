@@ -4,6 +4,7 @@ Shapes: B images, N texts, R image resolution, G patch grid (R / patch), T token
 (G*G + 1 for images, L for texts), D width, H heads, Dh head width (D / H), E embedding size."""
 import contextlib
 import functools
+import glob
 import gzip
 import hashlib
 import html
@@ -334,8 +335,18 @@ def build_model(state_dict):
 
 @contextlib.contextmanager
 def atomic(path):
-    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Yield a name beside `path`, renamed to it once the block succeeds: no half-written files.
+    The name holds machine and process: two writers, even on two machines, never share one."""
+    mine = f"{path}.{os.uname().nodename}-"
+    for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # of this machine: is its writer gone?
+        try:
+            os.kill(int(stale[len(mine):-4]), 0)
+        except ProcessLookupError:  # killed: remove what it left, unless another writer did
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        except (ValueError, PermissionError):  # a machine whose name extends this one's; alive
+            pass
+    tmp = f"{mine}{os.getpid()}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)

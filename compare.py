@@ -1,19 +1,22 @@
 """Run train.py for several methods and seeds on one setting; print the mean and standard deviation
 of every metric (zero-shot row above, train.py --routing's rows below), each dataset's accuracy, the
 operating point beside the paper's. A finished run (--out/<method>-seed<seed>) is read, an
-interrupted one resumed: stop it at will.
+interrupted one resumed: stop it at will. Each run's output goes to train.log in its folder.
 
     python compare.py                                  # tiny world: codyra, lora, full x seeds 0-2
-    python compare.py --setting xtail --data-dir ~/data --seeds 8 -- --iterations 500
+    python compare.py --setting xtail --data-dir ~/data --devices cuda:0,cuda:1 -- --iterations 500
 """
 import argparse
 import importlib.util
 import json
 import math
 import os
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 p = argparse.ArgumentParser(description="Run train.py for several methods and seeds, and print "
                                         "the mean and standard deviation of every metric.")
@@ -25,6 +28,10 @@ p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 p.add_argument("--out", default="runs/compare", help="folder holding one subfolder per run")
 p.add_argument("--plot", metavar="PNG", help="also draw each domain's accuracy after every task, "
                "one line per method (mean, min-max band over the seeds), into this file")
+p.add_argument("--devices", help="run one train.py per device at once, e.g. cuda:0,cuda:1 or "
+               "cpu,cpu, each with its share of the cores (default: one run at a time)")
+p.add_argument("--commands", action="store_true", help="print the train.py command of each run "
+               "not finished, one a line, and start none (for a cluster: docs/sweeps.md)")
 p.add_argument("extra", nargs="*", help="arguments for every train.py run, after --")
 args = p.parse_args()
 methods, seeds = args.methods.split(","), args.seeds.split(",")
@@ -32,24 +39,69 @@ if not set(methods) <= {"codyra", "lora", "full"} or len(set(methods)) < len(met
     p.error(f"--methods {args.methods}: choose distinct ones among codyra, lora, full")
 if not all(s.isdigit() for s in seeds):
     p.error(f"--seeds {args.seeds}: expected comma-separated whole numbers >= 0, like 0,1,2")
-seeds = [int(s) for s in seeds]
+seeds, devices = [int(s) for s in seeds], (args.devices or "").split(",")  # "": train.py's own
+own = {"--method": "--methods", "--seed": "--seeds", "--out": "--out", "--resume": "--out",
+       "--overwrite": "--out", "--setting": "--setting", "--data-dir": "--data-dir",
+       **({"--device": "--devices"} if args.devices else {})}  # what names or places a run
+for a in (a.split("=")[0] for a in args.extra if a.startswith("--") and len(a) > 2):
+    if flag := next((f for f in own if f.startswith(a)), None):  # train.py takes --meth too
+        p.error(f"{a} after --: compare.py sets {flag} of each run; use its own {own[flag]}")
+folder = os.path.dirname(os.path.abspath(args.plot or "."))  # checked now, not after the runs
+if args.plot and (os.path.isdir(args.plot) or not os.access(folder, os.W_OK)):
+    p.error(f"--plot {args.plot}: cannot write a file there; create its folder or choose another")
 if args.plot and importlib.util.find_spec("matplotlib") is None:
     p.error("--plot needs matplotlib: pip install matplotlib")
 
-runs = {}  # method -> the results.json of each seed
-for method in methods:
-    for seed in seeds:
-        out = os.path.join(args.out, f"{method}-seed{seed}")
-        path = os.path.join(out, "results.json")
-        if not (os.path.exists(path) and "metrics" in json.load(open(path))):
-            cmd = [sys.executable, "train.py", "--setting", args.setting, "--data-dir",
-                   args.data_dir, "--method", method, "--seed", str(seed), "--out", out, "--resume"
-                   if os.path.exists(f"{out}/checkpoint.pt") else "--overwrite", *args.extra]
-            print("$ " + " ".join(cmd[1:]), flush=True)
-            if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
-                              stdout=subprocess.DEVNULL).returncode:
-                sys.exit(f"error: {method} seed {seed} failed; rerun its command above to see why")
-        runs.setdefault(method, []).append(json.load(open(path)))
+
+def results(method, seed):  # a run's results.json ({} before it starts)
+    path = os.path.join(args.out, f"{method}-seed{seed}", "results.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # a run's cores: threads, --workers
+todo = []  # (run, its folder, its train.py command) of each run not finished
+for method, seed in [(m, s) for m in methods for s in seeds if "metrics" not in results(m, s)]:
+    out = os.path.join(args.out, f"{method}-seed{seed}")
+    todo.append((f"{method} seed {seed}", out, [
+        sys.executable, os.path.join(os.path.dirname(__file__), "train.py"), "--setting",
+        args.setting, "--data-dir", args.data_dir, "--method", method, "--seed", str(seed), "--out",
+        out, "--resume" if os.path.exists(f"{out}/checkpoint.pt") else "--overwrite",
+        *["--workers", share] * bool(args.devices), *args.extra]))  # a --workers there wins
+if args.commands:  # for a cluster's scheduler: docs/sweeps.md
+    sys.exit(print(*(shlex.join(cmd) for *_, cmd in todo), sep="\n") if todo else None)
+
+# --- the runs, one a device at a time, each one's output in its train.log
+env = {"OMP_NUM_THREADS": share, **os.environ} if args.devices else None  # a set one wins
+running, failed = {}, 0  # process -> (run, command, log, device)
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`: as Ctrl-C
+try:
+    while todo or running:
+        while todo and devices:  # the next run on a free device
+            (run, out, cmd), device = todo.pop(0), devices.pop(0)
+            cmd += ["--device", device] * bool(device)
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "train.log"), "a") as log:  # the run holds its own copy
+                print(f"{time.strftime('%F %T')} $ {shlex.join(cmd)}", file=log, flush=True)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[proc] = run, cmd, log.name, device
+            print(f"{time.strftime('%T')} started {run}{' on ' + device if device else ''}, "
+                  f"output in {log.name}", flush=True)
+        time.sleep(0.5)
+        for proc in [q for q in running if q.poll() is not None]:  # finished or failed
+            run, cmd, log, device = running.pop(proc)
+            devices.append(device)
+            why = proc.returncode and f"exit {proc.returncode}, {open(log).readlines()[-1]}"
+            print(time.strftime("%T"), f"failed {run} ({why.strip()})\n  $ {shlex.join(cmd)}"
+                  if why else f"finished {run}", flush=True)
+            failed += bool(why)
+except KeyboardInterrupt:  # the runs stop too, keeping their finished tasks (atomic writes)
+    for proc in running:  # NOTE: SIGTERM, as a run started in the background ignores SIGINT
+        proc.terminate()
+        proc.wait()
+    sys.exit("\ninterrupted: the same command resumes every unfinished run")
+if failed:
+    sys.exit(f"error: {failed} run(s) failed (above); the others are kept: fix it and rerun")
+runs = {m: [results(m, s) for s in seeds] for m in methods}  # method -> each seed's results.json
 first, every = runs[methods[0]][0], [r for m in methods for r in runs[m]]
 T, held = len(first["datasets"]), first.get("holdout", {})  # tasks; the datasets never trained
 

@@ -10,7 +10,6 @@ in torchvision's layout; as ZSCL, random_split 80/20 with seed 42 over torchvisi
 folders and files sorted; sun397 by path: file-system order is not portable). Few-shot: k indices
 per class (with replacement only when a class has fewer), seeded by (seed, crc32 of the name) only.
 """
-import glob
 import hashlib
 import json
 import os
@@ -152,11 +151,6 @@ class ImageSet(torch.utils.data.Dataset):
                if isinstance(self.images, np.ndarray) else "\n".join(self.images).encode())
         h = hashlib.sha1(str(first.shape).encode() + key).hexdigest()[:16]
         path = os.path.join(cache_dir, f"{name}_{first.shape[-1]}px_{h}.npy")
-        for stale in glob.glob(f"{path}.*.tmp"):  # left by a killed run, whose process is gone
-            try:
-                os.kill(int(stale.split(".")[-2]), 0)
-            except ProcessLookupError:
-                os.remove(stale)
         if not os.path.exists(path):
             os.makedirs(cache_dir, exist_ok=True)
             with clip_model.atomic(path) as tmp:

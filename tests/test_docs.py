@@ -64,3 +64,11 @@ def test_readme_is_at_most_2500_words():
     """README.md holds at most 2,500 words as `wc -w` counts them, code blocks included."""
     words = len(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
     assert words <= 2500, f"README.md has {words} words: move details into docs/"
+
+
+def test_readme_shows_no_commit_hash():
+    """README.md speaks to its users: no commit hash (`grep -nE '[0-9a-f]{7,}' README.md`)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    hashes = [(i, m) for i, line in enumerate(text.splitlines(), 1)
+              for m in re.findall(r"[0-9a-f]{7,}", line)]
+    assert not hashes, f"README.md (line, hash): {hashes}"

@@ -120,7 +120,8 @@ def test_a_killed_cache_write_leaves_no_file_behind(tmp_path):
     os.remove(path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    (tmp_path / f"{os.path.basename(path)}.{dead}.tmp").write_bytes(b"\0" * 1000)
+    name = f"{os.path.basename(path)}.{os.uname().nodename}-{dead}.tmp"  # host-pid
+    (tmp_path / name).write_bytes(b"\0" * 1000)
     task.test.cached("shapes", str(tmp_path))
     assert os.listdir(tmp_path) == [os.path.basename(path)]
 
