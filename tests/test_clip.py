@@ -301,7 +301,8 @@ def test_text_cleaning_is_openais():
     """Text is cleaned as OpenAI's tokenizer does (ftfy, then html.unescape twice): mojibake,
     entities escaped twice, ligatures, full-width letters and curly quotes give open_clip's ids."""
     texts = ["a photo of a cafÃ©.", "salt &amp;amp; pepper", "&lt;b&gt;", "a ﬁsh", "ＡＢＣ",
-             "don’t", "a photo of the Ã‰cole.", "a  \t photo\nof  a dog "]
+             "don’t", "a photo of the Ã‰cole.", "a  \t photo\nof  a dog ",
+             "1 < 2 &amp;amp; 3"]  # a literal "<": ftfy leaves the entities, both unescapes act
     ids = clip_model.tokenize(texts)
     assert torch.equal(ids, open_clip.tokenize(texts).long())
     assert torch.equal(ids[0], clip_model.tokenize("a photo of a café.")[0])  # not by accident
