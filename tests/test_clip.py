@@ -5,10 +5,12 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from torchvision import transforms
 
 import open_clip  # test-only: the independent reference (requirements-test.txt)
 from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
@@ -284,7 +286,8 @@ def reference_prompts():
             prompts += [xtail[name]["template"].format(c + suffix) for c in d["classnames"]]
     templates += [d["template"] for d in xtail.values() if isinstance(d, dict)]
     return prompts + [t.format(c) for t in templates
-                      for c in ("São Paulo", "7 - seven", "black-and-white cat")]
+                      for c in ("São Paulo", "7 - seven", "black-and-white cat",
+                                "A340-300", "2012 Acura TL Sedan", "F-16A/B")]  # digits alone
 
 
 def test_class_prompts_match_open_clip():
@@ -292,6 +295,17 @@ def test_class_prompts_match_open_clip():
     prompts = reference_prompts()
     assert len(prompts) > 3500
     assert torch.equal(clip_model.tokenize(prompts), open_clip.tokenize(prompts).long())
+
+
+def test_text_cleaning_is_openais():
+    """Text is cleaned as OpenAI's tokenizer does (ftfy, then html.unescape twice): mojibake,
+    entities escaped twice, ligatures, full-width letters and curly quotes give open_clip's ids."""
+    texts = ["a photo of a cafÃ©.", "salt &amp;amp; pepper", "&lt;b&gt;", "a ﬁsh", "ＡＢＣ",
+             "don’t", "a photo of the Ã‰cole.", "a  \t photo\nof  a dog ",
+             "1 < 2 &amp;amp; 3"]  # a literal "<": ftfy leaves the entities, both unescapes act
+    ids = clip_model.tokenize(texts)
+    assert torch.equal(ids, open_clip.tokenize(texts).long())
+    assert torch.equal(ids[0], clip_model.tokenize("a photo of a café.")[0])  # not by accident
 
 
 def test_truncation():
@@ -308,6 +322,22 @@ def test_truncation():
     assert clip_model.tokenize("a diagram", context_length=4).tolist() == [GOLDEN["a diagram"]]
 
 
+# OpenAI's normalisation, as open_clip states it (open_clip.constants), not our copy of it
+OPENAI_MEAN, OPENAI_STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+
+
+def photo(size=(50, 30), mode="RGB"):
+    """A non-uniform, non-square image: resizing, cropping and every channel show in its pixels."""
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    return small.resize(size, Image.BILINEAR).convert(mode)
+
+
+def test_normalisation_constants_are_openais():
+    """MEAN and STD are OpenAI's CLIP statistics, as open_clip has them."""
+    assert clip_model.MEAN == OPENAI_MEAN and clip_model.STD == OPENAI_STD
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_preprocess_then_normalize(train):
     """Any PIL image (grayscale, not square) becomes a (3, R, R) uint8 tensor, then normalised."""
@@ -315,5 +345,36 @@ def test_preprocess_then_normalize(train):
     x = clip_model.preprocess(train, resolution=24)(image)
     assert x.shape == (3, 24, 24) and x.dtype == torch.uint8
     assert torch.allclose(clip_model.normalize(x[None])[0],
-                          (128 / 255 - torch.tensor(clip_model.MEAN)[:, None, None])
-                          / torch.tensor(clip_model.STD)[:, None, None], atol=1e-5)
+                          (128 / 255 - torch.tensor(OPENAI_MEAN)[:, None, None])
+                          / torch.tensor(OPENAI_STD)[:, None, None], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_test_preprocessing_is_openais_transform(mode):
+    """normalize(preprocess(False)) of a non-square image equals torchvision's Resize (bicubic),
+    CenterCrop, ToTensor, Normalize with OpenAI's constants: CLIP's test transform."""
+    reference = transforms.Compose([
+        transforms.Resize(24, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(24), transforms.ToTensor(),
+        transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    for size in ((50, 30), (30, 50)):
+        image = photo(size, mode)
+        ours = clip_model.normalize(clip_model.preprocess(False, 24)(image)[None])[0]
+        assert torch.allclose(ours, reference(image.convert("RGB")), atol=1e-6)
+
+
+def test_training_crop_is_90_to_100_percent_of_the_area():
+    """preprocess(True) is torchvision's RandomResizedCrop of scale (0.9, 1.0) (the released
+    code's), aspect 3/4..4/3, bicubic: the same crops under the same seeds."""
+    reference = transforms.Compose([
+        transforms.RandomResizedCrop(24, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.PILToTensor()])
+    image, crops = photo((40, 36)), set()  # near square: 5:3 would leave only the fallback crop
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ours = clip_model.preprocess(True, 24)(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, reference(image))
+        crops.add(ours.numpy().tobytes())
+    assert len(crops) > 4  # random: the crops differ from seed to seed

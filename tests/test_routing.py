@@ -46,8 +46,11 @@ def test_autoencoder_routing_reports_its_accuracy(whole):
     for matrix in (ae["acc"], ae["routing_accuracy"]):
         assert len(matrix) == T and all(len(row) == T for row in matrix)
         assert all(0 <= a <= 100 for row in matrix for a in row)
-    assert set(ae["routing_summary"]) == {"seen", "unseen"}
-    assert all(0 <= v <= 100 for v in ae["routing_summary"].values())
+    right = ae["routing_accuracy"]  # seen: datasets learned by row t (j <= t), unseen: the rest
+    seen = [right[t][j] for t in range(T) for j in range(t + 1)]
+    unseen = [right[t][j] for t in range(T) for j in range(t + 1, T)]
+    assert ae["routing_summary"] == {"seen": pytest.approx(sum(seen) / len(seen)),
+                                     "unseen": pytest.approx(sum(unseen) / len(unseen))}
     assert ae["metrics"]["last"]["mean"] is not None
 
 
@@ -114,6 +117,51 @@ def test_ae_route_takes_the_lowest_accepted_error():
                          [0.2, 0.3, 0.9, 0.1]])   # domain 1, threshold 0.25
     assert routing.ae_route(errs, [0.4, 0.25]).tolist() == [0, routing.NOT_LEARNED,
                                                             routing.NOT_LEARNED, 1]
+
+
+def test_fit_accepts_every_training_image_at_the_largest_error():
+    """An auto-encoder's threshold is the largest reconstruction error of its own training
+    features (recomputed here): every training image is accepted, and it is not a looser bound."""
+    torch.manual_seed(0)
+    features = torch.randn(20, 8)
+    ae, threshold = routing.fit(features, steps=30)
+    with torch.no_grad():
+        errs = (ae(features) - features).pow(2).sum(-1)
+    assert errs.min() < errs.max() - 1e-3  # errors differ: min, max and a mean disagree
+    assert threshold == pytest.approx(errs.max().item(), rel=1e-6)
+    assert routing.ae_route(errs[None], [threshold]).tolist() == [0] * 20
+
+
+def test_summary_of_a_hand_matrix():
+    """seen: the mean over the cells t >= j (datasets learned by row t); unseen: t < j."""
+    acc = [[90.0, 10.0, 20.0],
+           [80.0, 70.0, 30.0],
+           [60.0, 50.0, 40.0]]
+    assert routing.summary(acc) == {"seen": pytest.approx((90 + 80 + 70 + 60 + 50 + 40) / 6),
+                                    "unseen": pytest.approx((10 + 20 + 30) / 3)}
+    assert routing.summary([[42.0]]) == {"seen": 42.0, "unseen": None}
+
+
+def test_ae_rows_look_up_the_model_of_the_route_on_a_hand_made_state():
+    """Row t of the "ae" router: each image takes the predictions of the model after the task it
+    is routed to (among tasks <= t), the current model's when no auto-encoder accepts it."""
+    labels = [[0, 1, 2], [0, 1]]  # two test sets
+    state = routing.new_state()
+    state["predictions"] = [[torch.tensor([0, 1, 0]), torch.tensor([1, 1])],   # after task 1
+                            [torch.tensor([2, 0, 0]), torch.tensor([0, 0])]]   # after task 2
+    state["thresholds"] = [0.4, 0.6]
+    state["errors"] = [[torch.tensor([0.1, 0.2, 0.9]), torch.tensor([0.8, 0.3])],  # AE 1
+                       [torch.tensor([0.5, 0.1, 0.9]), torch.tensor([0.2, 0.9])]]  # AE 2
+    routed = {"ae": {"acc": [], "routing_accuracy": []}}
+    for t in range(2):
+        routing.add_rows(routed, state, t, labels)
+    # after task 1, only AE 1: set 1 routed (1, 1, none): predictions after task 1 either way,
+    # 2 of 3 right; set 2 (not learned yet) routed (none, 1): 1 of 2 right, 1 of 2 routed right
+    # after task 2: set 1 routed (1, 2, none) -> predictions (0 | 0 | 0): 1 of 3 right, 1 of 3
+    # routed to its own AE; set 2 routed (2, 1) -> (0 | 1): 2 of 2 right, 1 of 2 routed right
+    # (the model after task 2 alone: 0 of 3 and 1 of 2 right)
+    assert np.allclose(routed["ae"]["acc"], [[200 / 3, 50.0], [100 / 3, 100.0]])
+    assert np.allclose(routed["ae"]["routing_accuracy"], [[200 / 3, 50.0], [100 / 3, 50.0]])
 
 
 def write_places365(root, per_class=1):

@@ -15,6 +15,8 @@ from conftest import SMALL, make_small_clip
 
 CPU = torch.device("cpu")
 PX = SMALL["image_resolution"]  # the small CLIP's side in pixels
+# OpenAI's normalisation (openai/CLIP clip.py, _transform), written out: not our copy of it
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def jpeg_set(folder, n=6):
@@ -39,7 +41,7 @@ def test_preprocess_normalize_and_cache_equal_torchvision_bitwise(tmp_path):
         reference = transforms.Compose([
             transforms.Resize(R, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(R), transforms.ToTensor(),
-            transforms.Normalize(clip_model.MEAN, clip_model.STD)])
+            transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
         for i in range(len(images)):
             (x, y), (z, _) = cached[i], images[i]
             assert x.dtype == torch.uint8 and x.shape == (3, R, R) and y == images.labels[i]

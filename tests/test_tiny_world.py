@@ -133,7 +133,7 @@ def test_pretrained_clip_is_cached(tmp_path, monkeypatch):
 
 def test_the_shipped_tiny_clip_gives_the_readmes_zero_shot_row():
     """assets/tiny_clip.pt (fp16, at most 16 MB) is the current recipe's tiny CLIP, and its
-    zero-shot row is the one the README's quick start prints, to 0.1 points."""
+    zero-shot row is the one the README's quick start prints, to one test image per domain."""
     assert os.path.getsize(tw.SHIPPED) <= 16 * 2**20
     saved = torch.load(tw.SHIPPED, weights_only=True)
     assert {v.dtype for v in saved["state_dict"].values()} == {torch.float16}
@@ -145,4 +145,8 @@ def test_the_shipped_tiny_clip_gives_the_readmes_zero_shot_row():
     readme = open(os.path.join(os.path.dirname(tw.SHIPPED), "..", "README.md")).read()
     line = re.search(r"^zero-shot((?:\s+[\d.]+){%d})$" % (len(tasks) + 1), readme, re.M)
     expected = [float(v) for v in line.group(1).split()]
-    assert np.allclose(row + [sum(row) / len(row)], expected, atol=0.1), (row, expected)
+    # another CPU or torch version may flip an image near a tie: allow one per domain (100 / n
+    # points; the mean, 1 / T of the largest), plus the README's rounding to 0.05
+    one = [100 / len(t.test) for t in tasks]
+    slack = np.array(one + [max(one) / len(tasks)]) + 0.05
+    assert (abs(np.array(row + [sum(row) / len(row)]) - expected) <= slack).all(), (row, expected)
