@@ -106,11 +106,10 @@ def test_threshold_schedule_short_task_still_reaches_kappa_max():
     (0.29, 100, [0] * 30 + [0.6 * 2 / 49, 0.6 * 3 / 49]),      # 28.999999999999996: 0 .. 29
 ])
 def test_threshold_schedule_when_dense_phase_is_not_whole(dense_ratio, iterations, want):
-    """dense = dense_ratio * iterations rounded to the nearest whole iteration, not compared as a
-    float: 3.7 gives 4, and 0.29 * 100 (28.999999999999996 in floating point) gives 29. Hand
-    values: S = iterations - dense sparse steps, S levels (S < 50) one a step, each step counting
-    the multiples of 1 in [dense, iteration], so tau = kappa * (iteration - dense + 1) / (S - 1)
-    capped at kappa; for (0.29, 100) S = 71 gives 50 levels, one a step (71 // 50 = 1)."""
+    """dense = dense_ratio * iterations rounded to the nearest whole iteration (the released code
+    compares floats: it thresholds from iteration 4 for 3.7 and from 29 for 0.29 * 100). By hand:
+    one level a step (S // L = 1), iteration i >= dense + 1 counts i - dense + 1 levels of
+    linspace(0, kappa, L), L = min(50, S), S = iterations - dense; tau = kappa * that / (L - 1)."""
     taus = [codyra.threshold_schedule(i, iterations, dense_ratio, 0.6) for i in range(len(want))]
     assert taus == pytest.approx(want, abs=1e-12)
 
@@ -118,8 +117,8 @@ def test_threshold_schedule_when_dense_phase_is_not_whole(dense_ratio, iteration
 @pytest.mark.parametrize("levels, want", [(5, [0.25, 0.5, 0.5, 0.75, 0.75, 1, 1, 1, 1]),
                                           (2, [1] * 9)])
 def test_threshold_schedule_with_few_levels(levels, want):
-    """levels = 5 over 10 sparse steps: linspace(0, 1, 5) moves up one at every multiple of
-    10 // 5 = 2 from dense = 10 on (10 itself counts); levels = 2 is [0, 1], and 10 counts at once."""
+    """levels = 5, 10 sparse steps: one level of linspace(0, 1, 5) at every multiple of 10 // 5 = 2
+    from dense = 10 on (10 counts: step 11 is at level 1); levels = 2: [0, 1], step 11 is at 1."""
     taus = [codyra.threshold_schedule(i, 20, 0.5, 1.0, levels) for i in range(20)]
     assert taus == pytest.approx([0] * 11 + want, abs=1e-12)
 
@@ -222,7 +221,7 @@ def test_inject_refuses_to_wrap_twice():
 
 
 def test_inject_refuses_an_out_proj_that_multihead_attention_reads_directly():
-    """nn.MultiheadAttention never calls its out_proj: inject says so, names it and wraps nothing."""
+    """nn.MultiheadAttention never calls its out_proj: inject says so, names it, wraps nothing."""
     model = nn.TransformerEncoderLayer(d_model=8, nhead=2)
     message = ("self_attn.out_proj: nn.MultiheadAttention reads this weight directly, so an "
                "adapter there would never run; exclude it with `where`")
