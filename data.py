@@ -586,7 +586,9 @@ def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
     found = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and d.name[0] not in "._"
                    ) if data_dir.is_dir() else []
     if not found:
-        raise DataError(f"{data_dir} holds no task folder; pass a --data-dir of task folders, each "
+        what = "holds no task folder" if data_dir.is_dir() else (
+            "is a file" if data_dir.exists() else "does not exist")
+        raise DataError(f"--data-dir {data_dir} {what}; pass a folder of task folders, each "
                         "train/<class>/<image> and test/<class>/<image> (docs/own_tasks.md)")
     if unknown := [n for n in [*(names or ()), *holdout] if n not in found]:
         raise DataError(f"no task folder {data_dir / unknown[0]}; the task folders there: "

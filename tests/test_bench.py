@@ -44,3 +44,13 @@ def test_a_scale_outside_0_1_is_one_error_line(scale, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(errors) == 1 and "--scale must lie in (0, 1]" in errors[0], out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--iters", "--batch-size", "--classes", "--test-images"])
+def test_a_zero_in_the_speed_table_is_refused(flag):
+    """--iters 0 (or 0 for any size of the speed table) is one error line, not the default."""
+    out = run_script("bench.py", "--model-size", "tiny", "--device", "cpu", "--iters", "1",
+                     "--batch-size", "1", "--classes", "1", "--test-images", "1", flag, "0")
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and flag in errors[0], out.stderr
+    assert "Traceback" not in out.stderr

@@ -244,3 +244,21 @@ def test_export_keeps_another_model_without_overwrite(tmp_path, monkeypatch, cap
     assert export_with(monkeypatch, capsys, str(other), "--overwrite")[0] == 0
     assert sorted(os.listdir(other)) == ["config.json", "pytorch_model.bin"]
     assert_same_state(clip_model.load(str(other)), tiny_world.pretrained())
+
+
+def test_a_bert_folder_an_empty_hub_id_and_a_cut_download_say_so(tmp_path, monkeypatch):
+    """A transformers folder of another model_type (a BERT's config), hf-hub: without an id, an
+    hf-hub entry whose refs/main names a snapshot a cut download left out, and a results.json
+    given as weights: one line each that says what it is."""
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert", "hidden_size": 768}')
+    one_line_error(lambda: clip_model.load(str(tmp_path / "bert")), "model_type bert, not clip")
+    one_line_error(lambda: clip_model.load("hf-hub:"), "needs an id")
+    repo = tmp_path / "hub" / "models--someone--cut"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    one_line_error(lambda: clip_model.load("hf-hub:someone/cut"), "only in part", str(repo))
+    (tmp_path / "results.json").write_text('{"acc": [[50.0]]}')
+    one_line_error(lambda: clip_model.load(str(tmp_path / "results.json")), "not a weight file",
+                   "checkpoint.pt")

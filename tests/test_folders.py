@@ -238,3 +238,13 @@ def test_an_image_over_the_pixel_limit_is_one_line(tmp_path, monkeypatch):
         data.ImageSet([str(tmp_path / "big.png")], [0])[0]
     said = str(info.value)
     assert "\n" not in said and "not a readable image" in said and "limit of 1000" in said
+
+
+def test_a_data_dir_that_is_missing_or_a_file_says_so(tmp_path):
+    """--data-dir naming nothing, or a file, says that, not "holds no task folder"."""
+    (tmp_path / "file").write_text("x")
+    for path, words in ((tmp_path / "nothing", "does not exist"), (tmp_path / "file", "is a file"),
+                        (tmp_path, "holds no task folder")):
+        with pytest.raises(data.DataError) as info:
+            data.load_folders(path)
+        assert "\n" not in str(info.value) and f"--data-dir {path} {words}" in str(info.value)
