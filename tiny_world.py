@@ -346,8 +346,7 @@ def _recipe(seed):  # what fixes the pretrained weights; a file made by another 
 
 def make(path, seed=0, log=print):
     """Pretrain the tiny CLIP and write it to path in fp16 (15 MB; exact in fp32, so every machine
-    starts from the same numbers) with its recipe and platform. The file is opened first: a
-    read-only folder fails now, not after the pretraining."""
+    starts from the same numbers) with its recipe and platform; the file is opened first."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with clip_model.atomic(path) as tmp, open(tmp, "wb") as f:
         began = time.time()
@@ -403,7 +402,7 @@ if __name__ == "__main__":
     if args.seed < 0 or (args.ship and args.seed):
         p.error(f"--seed {args.seed}: expected >= 0, and 0 with --ship")
     path = SHIPPED if args.ship else cache_path(args.seed)
-    try:  # assets/ of a read-only checkout: said before the pretraining
+    try:  # assets/ of a read-only checkout: said before the pretraining (make opens it first)
         make(path, args.seed)
     except OSError as e:
         p.exit(1, f"error: cannot write {path} ({e.strerror}); make its folder writable\n")
