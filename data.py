@@ -570,7 +570,7 @@ def _folder_task(folder, shots, seed):
             fits = False
         if not fits:
             raise ValueError(f"{folder / 'templates.txt'}: {t!r} is not a template; write one a "
-                             "line, each with one {} where the class name goes, other braces doubled")
+                             "line, each with one {} for the class name, other braces doubled")
     print(f"{folder.name}: {len(classes)} classes, {len(train)} train and {len(test)} test "
           f"images ({split['split']})" + (f", {shots} shots" if shots else ""))
     split["train_images"] = len(train)  # before the few-shot draw
