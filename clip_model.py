@@ -377,9 +377,9 @@ def read_file(path):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # NOTE: torch's message is many lines; its type says enough
-            raise CLIPLoadError(f"{path} is not a weight file ({type(e).__name__}): pass "
-                                "checkpoint.pt or a weight file; if it is a download cut short, "
-                                "delete it and download it again") from None
+            raise CLIPLoadError(f"{path} is not a weight file (neither TorchScript nor a state "
+                                f"dict: {type(e).__name__}); pass checkpoint.pt or a weight file, "
+                                "or delete a download cut short to fetch it again") from None
     for key in ("model", "state_dict"):
         sd = sd[key] if isinstance(sd, dict) and isinstance(sd.get(key), dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
