@@ -75,7 +75,8 @@ if args.sequence:  # NOTE: `not 0 < scale <= 1` refuses NaN too (every compariso
 size = args.model_size or "ViT-B/16"
 B, iters = args.batch_size or (64 if cuda else 4), args.iters or (20 if cuda else 2)
 C, N = args.classes or (100 if cuda else 10), args.test_images or (4096 if cuda else 32)
-if min(B, iters, C, N) < 1 or args.workers < 0:
+if args.workers < 0 or any(n is not None and n < 1 for n in (  # 0 is not "the default"
+        args.batch_size, args.iters, args.classes, args.test_images)):
     p.error("--batch-size, --iters, --classes and --test-images must be >= 1, --workers >= 0")
 AMP = {"fp32": False, "bf16": True} if cuda else {"fp32": False}  # a fast row each: autocast?
 autocast = functools.partial(torch.autocast, device.type, torch.bfloat16)  # autocast(enabled=...)

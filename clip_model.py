@@ -388,9 +388,9 @@ def read_file(path):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # NOTE: torch's message is many lines; its type says enough
-            raise CLIPLoadError(f"{path} is neither a TorchScript archive nor a state-dict file, "
-                                f"or it is truncated ({type(e).__name__}); pass a CLIP checkpoint, "
-                                "or delete it and download it again") from None
+            raise CLIPLoadError(f"{path} is not a weight file (neither TorchScript nor a state "
+                                f"dict: {type(e).__name__}); pass checkpoint.pt or a weight file, "
+                                "or delete a download cut short to fetch it again") from None
     for key in ("model", "state_dict"):
         sd = sd[key] if isinstance(sd, dict) and isinstance(sd.get(key), dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -442,6 +442,9 @@ def read_folder(folder):
     try:
         with open(config) as f:
             cfg = json.load(f)
+        if fmt == "hf" and cfg.get("model_type") != "clip":  # a BERT's, a ViT's
+            raise CLIPLoadError(f"{config}: model_type {cfg.get('model_type')}, not clip; pass a "
+                                "CLIP model's folder")
         if fmt == "hf":  # transformers' defaults: QuickGELU
             towers = [cfg["text_config"], cfg["vision_config"]]
             heads = [t["hidden_size"] / t["num_attention_heads"] for t in towers]
@@ -483,16 +486,18 @@ def load(name_or_path, device="cpu", download_root=None):
         root = download_root or os.environ.get("CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
         path = _download(MODELS[name_or_path], root)
     elif path.startswith("hf-hub:"):  # laid out as huggingface_hub does; no network, no package
-        repo_id = path[len("hf-hub:"):]
+        if not (repo_id := path[len("hf-hub:"):]):
+            raise CLIPLoadError("hf-hub: needs an id, e.g. hf-hub:openai/clip-vit-base-patch16")
         hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
             os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
         repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
-        try:  # refs/main names the snapshot
+        try:  # refs/main names the snapshot, which a download cut short may lack
             with open(os.path.join(repo, "refs", "main")) as f:
                 path = os.path.join(repo, "snapshots", f.read().strip())
+            os.listdir(path)
         except OSError:
-            raise CLIPLoadError(f"{path} is not in the Hugging Face cache (looked in {repo}); "
-                                f"run hf download {repo_id} once, or pass its folder") from None
+            raise CLIPLoadError(f"hf-hub:{repo_id} is not in the Hugging Face cache, or only in "
+                                f"part (in {repo}): hf download {repo_id} fetches it") from None
     if not os.path.exists(path):
         raise CLIPLoadError(f"{path!r} is neither a model name ({', '.join(MODELS)}) nor a file "
                             "or folder; pass one of those names, hf-hub:<id>, or a path")

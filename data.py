@@ -112,10 +112,10 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = self.images[i]
-        try:  # a missing, truncated, looping or non-image file: one line naming it
+        try:  # a missing, truncated, looping, non-image or too large file: one line naming it
             with (Image.fromarray if isinstance(image, np.ndarray) else Image.open)(image) as f:
                 img = f.convert("RGB")
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # its message states PIL's limit
             raise DataError(f"{image} is not a readable image ({e}); replace or delete it")
         return (self.transform(img) if self.transform else img), self.labels[i]
 
@@ -145,10 +145,12 @@ class ImageSet(torch.utils.data.Dataset):
 
     def cached(self, name, cache_dir, workers=0):
         """This set, transformed once, as CachedImages: a .npy file built atomically on first use,
-        named by `name`, item shape and a hash of the paths. NOTE: not bytes: delete it on edits."""
+        named by name, item shape and a hash of the array or of each file's path, size and mtime."""
         first = self[0][0]
         key = (str(self.images.shape).encode() + self.images.tobytes()
-               if isinstance(self.images, np.ndarray) else "\n".join(self.images).encode())
+               if isinstance(self.images, np.ndarray) else  # a file replaced: a new size or mtime
+               "\n".join(f"{p} {s.st_size} {s.st_mtime_ns}" for p, s in
+                         ((p, os.stat(p)) for p in self.images)).encode())
         h = hashlib.sha1(str(first.shape).encode() + key).hexdigest()[:16]
         path = os.path.join(cache_dir, f"{name}_{first.shape[-1]}px_{h}.npy")
         if not os.path.exists(path):
@@ -548,15 +550,25 @@ def _folder_task(folder, shots, seed):
     if names is not None and len(names) != len(classes):
         raise ValueError(f"{folder / 'classnames.txt'} names {len(names)} classes, the folders "
                          f"{len(classes)}: write one name a line, in the folders' sorted order")
+    names = names or [c.replace("_", " ").replace("-", " ") for c in classes]
+    read = {}  # names as CLIP's tokenizer reads them: two classes of one prompt, one never chosen
+    for c, n in zip(classes, names):
+        if (twin := read.setdefault(" ".join(n.lower().split()), c)) != c:
+            raise ValueError(f"the class folders {twin} and {c} of {folder} both read as {n!r}: "
+                             "rename one, or its line in classnames.txt")
     templates = ["a photo of a {}."] if templates is None else templates
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"{folder / 'templates.txt'}: write one template a line, each with {{}} "
-                         "where the class name goes")
+    for t in templates or [""]:  # each formatted now, not at the first evaluation: "{} {}", "}"
+        try:
+            fits = t.format("\0").count("\0") == 1
+        except (IndexError, KeyError, ValueError, AttributeError):
+            fits = False
+        if not fits:
+            raise ValueError(f"{folder / 'templates.txt'}: {t!r} is not a template; write one a "
+                             "line, each with one {} for the class name, other braces doubled")
     print(f"{folder.name}: {len(classes)} classes, {len(train)} train and {len(test)} test "
           f"images ({split['split']})" + (f", {shots} shots" if shots else ""))
     split["train_images"] = len(train)  # before the few-shot draw
     train = train.subset(few_shot(train.labels, shots, seed, folder.name)) if shots else None
-    names = names or [c.replace("_", " ").replace("-", " ") for c in classes]
     return Task(folder.name, names, templates, train, test, split)
 
 
@@ -568,7 +580,9 @@ def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
     found = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and d.name[0] not in "._"
                    ) if data_dir.is_dir() else []
     if not found:
-        raise DataError(f"{data_dir} holds no task folder; pass a --data-dir of task folders, each "
+        what = "holds no task folder" if data_dir.is_dir() else (
+            "is a file" if data_dir.exists() else "does not exist")
+        raise DataError(f"--data-dir {data_dir} {what}; pass a folder of task folders, each "
                         "train/<class>/<image> and test/<class>/<image> (docs/own_tasks.md)")
     if unknown := [n for n in [*(names or ()), *holdout] if n not in found]:
         raise DataError(f"no task folder {data_dir / unknown[0]}; the task folders there: "

@@ -154,22 +154,21 @@ def parser(description):
 def check_arguments(p, args, run):
     """Validate the shared flags; fill in --out (out/<setting>-<run>) and the setting's defaults."""
     args.out = args.out or os.path.join("out", f"{args.setting}-{run}")
-    cfg = SETTINGS[args.setting]  # the setting's evaluation, where no flag says otherwise
-    known = cfg["datasets"]
-    args.datasets = args.datasets and args.datasets.split(",")
+    known = (cfg := SETTINGS[args.setting])["datasets"]  # cfg: where no flag says otherwise
+    args.datasets = None if args.datasets is None else args.datasets.split(",")
+    if args.datasets is not None and sorted(set(args.datasets) - {""}) != sorted(args.datasets):
+        p.error(f"--datasets {','.join(args.datasets)!r}: expected names, none empty or twice")
     if known and any(d not in known for d in args.datasets or ()):  # folders: when read
         p.error(f"--datasets {','.join(args.datasets)}: --setting {args.setting} has "
                 f"{','.join(known)}")
-    if args.datasets and len(set(args.datasets)) < len(args.datasets):
-        p.error(f"--datasets {','.join(args.datasets)} names a dataset twice")
     if args.setting in ("tiny", "folders") and (args.layout or args.prompts):
         p.error(f"--layout and --prompts are for mtil and xtail, not {args.setting}")
     args.holdout = [] if args.holdout == "none" else args.holdout.split(",") if args.holdout else (
         list(tiny_world.HOLDOUT) if args.setting == "tiny" else [])
     held = {"tiny": tiny_world.DOMAINS, "folders": args.holdout}.get(args.setting, data.HOLDOUT)
-    if any(d not in held or d in (args.datasets or known) for d in args.holdout):
-        p.error(f"--holdout {','.join(args.holdout)}: choose datasets this run never trains among "
-                f"{','.join(held)}")
+    if bad := [d for d in args.holdout if d not in held or d in (args.datasets or known)]:
+        p.error(f"--holdout {bad[0]}: the run trains it too; leave it out of --datasets" if
+                bad[0] in held else f"--holdout {bad[0]}: expected one of {','.join(held)}")
     args.eval_style = args.eval_style or cfg["eval_style"]
     args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
     if min(args.workers, args.seed) < 0 or (args.eval_batch_size is not None
@@ -253,15 +252,23 @@ def main():
                        "dataset of a setting.")
     groups["model"].add_argument("--export", nargs=2, metavar=("FORMAT", "FOLDER"), help="instead:"
                                  " write --model as a folder that transformers (FORMAT hf) or "
-                                 "open_clip reads")
+                                 "open_clip reads; over another model: with --overwrite")
     args = p.parse_args()
     if args.export:  # no data, no evaluation
-        if args.export[0] not in clip_model.FILES:
-            p.error(f"--export {args.export[0]}: expected {' or '.join(clip_model.FILES)}")
+        fmt, folder = args.export
+        there = [f for f in sum(clip_model.FILES.values(), ()) if os.path.isfile(f"{folder}/{f}")]
+        if fmt not in clip_model.FILES:
+            p.error(f"--export {fmt}: expected {' or '.join(clip_model.FILES)}")
+        if there and not args.overwrite:  # another model's, or an earlier export's
+            p.error(f"--export {fmt} {folder} holds {there[0]}; pass --overwrite to replace it")
+        try:  # '', a file, no permission: said before the weights load
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            p.error(f"--export {fmt} {folder!r}: cannot make that folder ({e.strerror})")
         try:
             model = (tiny_world.pretrained() if args.model == "tiny" else  # as load_setting
                      clip_model.load(args.model or "ViT-B/16"))
-            return print(f"wrote {clip_model.export(model, args.export[1], args.export[0])}")
+            return print(f"wrote {clip_model.export(model, folder, fmt)}")
         except (clip_model.CLIPLoadError, OSError) as e:
             sys.exit(f"error: {e}")
     check_arguments(p, args, "zeroshot")

@@ -346,18 +346,18 @@ def _recipe(seed):  # what fixes the pretrained weights; a file made by another 
 
 def make(path, seed=0, log=print):
     """Pretrain the tiny CLIP and write it to path in fp16 (15 MB; exact in fp32, so every machine
-    starts from the same numbers) with its recipe and platform."""
-    began = time.time()
-    model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)  # as they are now
-    cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-           if line.startswith("model name")][:1] if os.path.exists("/proc/cpuinfo") else []
-    made_on = {"machine": platform.machine(), "cpu": (cpu or [platform.processor()])[0],
-               "threads": torch.get_num_threads(), "torch": str(torch.__version__),
-               "numpy": np.__version__, "seconds": round(time.time() - began)}
+    starts from the same numbers) with its recipe and platform; the file is opened first."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with clip_model.atomic(path) as tmp:
+    with clip_model.atomic(path) as tmp, open(tmp, "wb") as f:
+        began = time.time()
+        model, _ = pretrain(seed, clip_model.CONFIGS["tiny"], **PRETRAIN, log=log)  # as they are
+        cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+               if line.startswith("model name")][:1] if os.path.exists("/proc/cpuinfo") else []
+        made_on = {"machine": platform.machine(), "cpu": (cpu or [platform.processor()])[0],
+                   "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+                   "numpy": np.__version__, "seconds": round(time.time() - began)}
         torch.save({"recipe": _recipe(seed), "made_on": made_on,
-                    "state_dict": {k: v.half() for k, v in model.state_dict().items()}}, tmp)
+                    "state_dict": {k: v.half() for k, v in model.state_dict().items()}}, f)
 
 
 def load(path, seed=0):
@@ -402,5 +402,8 @@ if __name__ == "__main__":
     if args.seed < 0 or (args.ship and args.seed):
         p.error(f"--seed {args.seed}: expected >= 0, and 0 with --ship")
     path = SHIPPED if args.ship else cache_path(args.seed)
-    make(path, args.seed)
+    try:  # assets/ of a read-only checkout: said before the pretraining (make opens it first)
+        make(path, args.seed)
+    except OSError as e:
+        p.exit(1, f"error: cannot write {path} ({e.strerror}); make its folder writable\n")
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MB)")

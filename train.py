@@ -3,6 +3,7 @@ surviving ranks into the weights, evaluate on every dataset, print the paper's t
 `python train.py`: the offline tiny world (CPU, minutes); the paper's runs: README.md, --help."""
 import copy
 import itertools
+import json
 import math
 import os
 import signal
@@ -30,8 +31,7 @@ RECIPES = {
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
                  lr_full=1e-4, kappa_max=0.0125),
 }
-# lr_full: ZSCL's rate for full fine-tuning (every weight but logit_scale; 5e-4 wrecks CLIP);
-# tiny's: a tenth of its pretraining lr
+# lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining
 RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
                  "data_dir", "eval_batch_size", "no_zero_shot"}  # the rest define the run
@@ -41,10 +41,8 @@ def recipe_help(key):  # the defaults as RECIPES states them, so that no help te
     return "default: the setting's, " + ", ".join(f"{r[key]} {s}" for s, r in RECIPES.items())
 
 
-p, groups = evaluation.parser("Continual learning of CLIP with CoDyRA: learn the tasks of a "
-                              "setting in turn and print the paper's tables.")
-groups["data"].add_argument("--shots", type=int,
-                            help="training images per class; " + recipe_help("shots"))
+p, groups = evaluation.parser("CoDyRA: learn a setting's tasks in turn, print the paper's tables.")
+groups["data"].add_argument("--shots", type=int, help="images per class; " + recipe_help("shots"))
 group = p.add_argument_group("adapter")
 group.add_argument("--method", choices=["codyra", "lora", "full"], default="codyra", help="codyra:"
                    " LoRA with rank selection; lora: without it; full: full fine-tuning")
@@ -57,8 +55,7 @@ group.add_argument("--kappa-max", type=float, help="final soft-threshold tau (ab
 group.add_argument("--dense-ratio", type=float, help="fraction of iterations before "
                    "thresholding starts; " + recipe_help("dense_ratio"))
 group = p.add_argument_group("optimisation")
-group.add_argument("--iterations", type=int,
-                   help="optimizer steps per task; " + recipe_help("iterations"))
+group.add_argument("--iterations", type=int, help="steps per task; " + recipe_help("iterations"))
 group.add_argument("--batch-size", type=int, help="images per step; " + recipe_help("batch_size"))
 group.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 in every task; "
                    + recipe_help("lr") + "; --method full: " + recipe_help("lr_full")[9:])
@@ -79,22 +76,25 @@ recipe = RECIPES[args.setting]  # where no flag is given; --method full: its lr_
 for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max"):
     if getattr(args, key) is None:
         setattr(args, key, recipe["lr_full" if (key, args.method) == ("lr", "full") else key])
-if min(args.shots, args.rank, args.iterations, args.batch_size) < 1:
-    p.error("--shots, --rank, --iterations and --batch-size must be >= 1")
-if not (0 <= args.dense_ratio <= 1 and 0 <= args.kappa_max < math.inf
-        and 0 < args.lr < math.inf and 0 <= args.weight_decay < math.inf):  # NaN fails each too
-    p.error("--dense-ratio must lie in [0, 1], --kappa-max and --weight-decay be finite and >= 0, "
-            "--lr finite and > 0")
+for keys, ok, want in ((("shots", "rank", "iterations", "batch_size"), lambda v: v >= 1, ">= 1"),
+                       (("dense_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),  # NaN fails each
+                       (("kappa_max", "weight_decay"), lambda v: 0 <= v < math.inf, "finite, >= 0"),
+                       (("lr",), lambda v: 0 < v < math.inf, "finite and > 0")):
+    if bad := [k for k in keys if not ok(getattr(args, k))]:
+        p.error(f"--{bad[0].replace('_', '-')} {getattr(args, bad[0])}: expected {want}")
 try:
     placement = codyra.clip_placement(args.encoders, tuple(args.layers.split(",")))
 except ValueError as e:
     p.error(str(e))
 results_path, ckpt_path = (os.path.join(args.out, f) for f in ("results.json", "checkpoint.pt"))
 if any(map(os.path.exists, (results_path, ckpt_path))) and not (args.resume or args.overwrite):
-    p.error(f"{args.out} holds another run; pass --resume to continue it, --overwrite to replace "
-            "it, or choose another --out")
+    p.error(f"{args.out} holds another run: --resume continues it, --overwrite replaces it")
 if args.resume and not os.path.exists(ckpt_path):
     p.error(f"--resume: no checkpoint at {ckpt_path}")
+if args.resume and os.path.exists(results_path):  # a finished run's files stay as they are
+    with open(results_path) as f:
+        if "metrics" in json.load(f):
+            p.exit(0, f"the run in {args.out} is finished ({results_path}); nothing to do\n")
 if args.plot and not analysis.can_plot():
     print("--plot: matplotlib is not installed (pip install matplotlib): no figures")
     args.plot = False
@@ -102,9 +102,8 @@ if args.plot and not analysis.can_plot():
 # --- data and model
 device = evaluation.pick_device(args.device, args.precision)
 autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-# every dataset of the run is checked here, so a run never dies at task 9 after hours
 began = time.time()
-tasks, holdout, model = evaluation.load_setting(args, args.shots)
+tasks, holdout, model = evaluation.load_setting(args, args.shots)  # all checked now, not at task 9
 widths = [min(m.weight.shape) for n, m in model.named_modules()
           if isinstance(m, torch.nn.Linear) and placement(n)]
 if args.rank > min(widths):
@@ -126,7 +125,8 @@ if args.resume:  # the weights and results of the finished tasks
     try:  # p.error's SystemExit passes the except below
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = ["--" + k.replace("_", "-") for k, v in saved["results"]["args"].items()
-                   if k not in RUNTIME_FLAGS and vars(args).get(k) != v]
+                   if k not in RUNTIME_FLAGS and vars(args).get(k) != v and not (k == "model" and
+                   args.setting == "tiny" and {v, args.model} <= {None, "tiny"})]  # tiny's default
         if changed:  # a resumed run must be the same experiment; only how it runs may change
             p.error(f"--resume: {', '.join(changed)} differ from the run in {args.out}; pass the "
                     "same values, or start a new run elsewhere")
@@ -143,8 +143,8 @@ if args.resume:  # the weights and results of the finished tasks
         p.error(f"--resume: the run in {args.out} kept no predictions to route; --routing none")
     print(f"resuming after task {len(results['acc'])}/{len(tasks)} from {ckpt_path}")
 results["environment"] = evaluation.environment(device)
-signal.signal(signal.SIGINT, lambda *_: sys.exit(  # Ctrl-C: one line, the finished tasks kept
-    f"\ninterrupted: finished tasks are saved in {args.out}; continue with --resume"))
+signal.signal(signal.SIGINT, lambda *_: sys.exit(f"\ninterrupted: {args.out} holds " + (  # a line
+    "finished tasks; --resume continues" if results["acc"] else "no finished task: start again")))
 
 
 def lap(times, phase, began):

@@ -119,3 +119,13 @@ def test_dry_run_projection_on_fixed_timings(tmp_path, capsys):
     assert steps[:3] == [f"{T * 2 * 8}", f"{T * 2.0:.1f}", "8"]  # count, seconds, per second
     assert steps[5:7] == [f"{T * 500 * 64:,}", f"{T * 2.0 * 2000:.0f}"]  # real count, projected
     assert f"would take {projected / 60:.1f} min" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("flag", ["--iters", "--batch-size", "--classes", "--test-images"])
+def test_a_zero_in_the_speed_table_is_refused(flag):
+    """--iters 0 (or 0 for any size of the speed table) is one error line, not the default."""
+    out = run_script("bench.py", "--model-size", "tiny", "--device", "cpu", "--iters", "1",
+                     "--batch-size", "1", "--classes", "1", "--test-images", "1", flag, "0")
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and flag in errors[0], out.stderr
+    assert "Traceback" not in out.stderr

@@ -212,3 +212,53 @@ def test_analysis_compares_a_checkpoint_with_the_shipped_tiny_clip(tmp_path, mon
                                       tiny_world.SHIPPED])
     analysis.main()
     assert "drift relative to ||W_A||_F" in capsys.readouterr().out
+
+
+def export_with(monkeypatch, capsys, *argv):
+    """python eval.py --model tiny --export hf <argv>: the exit status and the stderr lines."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--export", "hf", *argv])
+    try:
+        evaluation.main()
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_export_keeps_another_model_without_overwrite(tmp_path, monkeypatch, capsys):
+    """--export into a folder holding another model's files is refused in one line asking for
+    --overwrite, and leaves them; a FOLDER that is '', a file or cannot be made: one line naming
+    --export. With --overwrite the export replaces the model."""
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    (other / "model.safetensors").write_bytes(b"another model's weights")
+    status, err = export_with(monkeypatch, capsys, str(other))
+    assert status == 2 and len(err) == 1 and "--overwrite" in err[0], err
+    assert (other / "model.safetensors").read_bytes() == b"another model's weights"
+    assert json.loads((other / "config.json").read_text()) == {"model_type": "bert"}
+    (tmp_path / "file").write_text("x")
+    for folder in ("", str(tmp_path / "file"), "/proc/codyra-export"):
+        status, err = export_with(monkeypatch, capsys, folder)
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: --export"), err
+    assert export_with(monkeypatch, capsys, str(other), "--overwrite")[0] == 0
+    assert sorted(os.listdir(other)) == ["config.json", "pytorch_model.bin"]
+    assert_same_state(clip_model.load(str(other)), tiny_world.pretrained())
+
+
+def test_a_bert_folder_an_empty_hub_id_and_a_cut_download_say_so(tmp_path, monkeypatch):
+    """A transformers folder of another model_type (a BERT's config), hf-hub: without an id, an
+    hf-hub entry whose refs/main names a snapshot a cut download left out, and a results.json
+    given as weights: one line each that says what it is."""
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert", "hidden_size": 768}')
+    one_line_error(lambda: clip_model.load(str(tmp_path / "bert")), "model_type bert, not clip")
+    one_line_error(lambda: clip_model.load("hf-hub:"), "needs an id")
+    repo = tmp_path / "hub" / "models--someone--cut"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    one_line_error(lambda: clip_model.load("hf-hub:someone/cut"), "only in part", str(repo))
+    (tmp_path / "results.json").write_text('{"acc": [[50.0]]}')
+    one_line_error(lambda: clip_model.load(str(tmp_path / "results.json")), "not a weight file",
+                   "checkpoint.pt")

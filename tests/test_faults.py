@@ -272,3 +272,81 @@ def test_quick_start_then_mtil_without_data(tmp_path):
     one_line_error(out, "aircraft", "expected", "--download")
     assert not (tmp_path / "out").exists()
     np.testing.assert_equal(os.listdir(tmp_path), [])
+
+
+# --- issue 28: a read-only checkout, flags named one by one, Ctrl-C and --resume
+
+def test_ship_into_a_read_only_assets_stops_before_pretraining(tmp_path, monkeypatch):
+    """tiny_world.py --ship whose assets/ cannot take a file (here /proc/self) says so in one line
+    before the 22-minute pretraining starts (which would build a CLIP first)."""
+    shutil.copy(os.path.join(ROOT, "tiny_world.py"), tmp_path)
+    os.symlink("/proc/self", tmp_path / "assets")
+
+    def pretraining(**config):
+        raise AssertionError("the pretraining started")
+    monkeypatch.setattr(clip_model, "CLIP", pretraining)
+    one_line_error(run(str(tmp_path / "tiny_world.py"), "--ship"), "cannot write",
+                   str(tmp_path / "assets" / "tiny_clip.pt"))
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--kappa-max", "-1"),
+                                         ("--weight-decay", "nan"), ("--dense-ratio", "2")])
+def test_a_bad_value_names_its_flag_alone(flag, value, tmp_path):
+    """--lr inf, --kappa-max -1, ...: the line names that flag and value, no other flag."""
+    out = run("train.py", *FAST, "--out", str(tmp_path / "out"), flag, value)
+    one_line_error(out, f"{flag} {value}")
+    others = {"--lr", "--kappa-max", "--weight-decay", "--dense-ratio"} - {flag}
+    assert not [f for f in others if f in out.stderr], out.stderr
+
+
+def interrupt_at_step(monkeypatch, step):
+    """Make the `step`-th loss of a run (1 = the first task's first) come with a Ctrl-C."""
+    calls, loss = [], clip_model.contrastive_loss
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*args, **kwargs)
+    monkeypatch.setattr(clip_model, "contrastive_loss", interrupted)
+
+
+ONE = [*FAST, "--datasets", "shapes", "--holdout", "none", "--routing", "none", "--no-zero-shot"]
+
+
+def test_ctrl_c_in_the_first_task_says_nothing_was_saved(small_weights, tmp_path, monkeypatch):
+    """Ctrl-C before any task is finished says so and to start again, not to --resume."""
+    interrupt_at_step(monkeypatch, 1)
+    out = run("train.py", *ONE, "--model", small_weights, "--out", str(tmp_path))
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 1 and "interrupted" in said and "no finished task" in said, said
+    assert "--resume" not in said and "checkpoint.pt" not in os.listdir(tmp_path)
+
+
+def test_resume_takes_model_tiny_as_the_tiny_default(tmp_path):
+    """A tiny run made without --model (the shipped tiny CLIP) resumes with --model tiny."""
+    argv = [*ONE, "--out", str(tmp_path)]
+    assert run("train.py", *argv).returncode == 0
+    os.remove(tmp_path / "results.json")  # as if killed after the checkpoint
+    done = run("train.py", *argv, "--model", "tiny", "--resume")
+    assert done.returncode == 0 and "resuming after task 1/1" in done.stdout, done.stderr
+
+
+def test_resume_of_a_finished_run_leaves_its_files(small_weights, tmp_path):
+    """--resume of a finished run says it is finished and rewrites nothing."""
+    argv = [*ONE, "--model", small_weights, "--out", str(tmp_path)]
+    assert run("train.py", *argv).returncode == 0
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    out = run("train.py", *argv, "--resume")
+    assert out.returncode == 0 and "finished" in out.stderr, out.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--datasets", ""], ["--datasets ''", "none empty"]),
+    (["--datasets", "shapes,,digits"], ["none empty"]),
+    (["--datasets", "shapes,digits", "--holdout", "digits"], ["--holdout digits", "trains it"])])
+def test_an_empty_dataset_list_or_a_trained_holdout_is_named(flags, words, tmp_path):
+    """--datasets '' (or an empty name in the list) and a --holdout the run trains: one line
+    naming the flag and what is wrong."""
+    one_line_error(run("eval.py", "--out", str(tmp_path), *flags), *words)

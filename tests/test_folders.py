@@ -176,3 +176,75 @@ def test_a_class_split_depends_on_its_task_and_class_names_only(tmp_path):
         write_image(moved / "beta" / "ant" / f"{i}.jpg", 0, i)
     after = tested(moved, 1)
     assert len(before) == 3 and len(after) == 4 and before < after  # 5 a class: 4 train, 1 test
+
+
+# --- issue 28: stale cached pixels, two classes of one name, templates, huge images
+
+@pytest.mark.parametrize("change", ["mtime", "size"])
+def test_the_test_image_cache_notices_a_replaced_image(change, tmp_path):
+    """An image replaced under its name, with the old size and a new modification time or a new
+    size and the old time, is decoded again: the cache gives the new pixels, not the old."""
+    path = tmp_path / "red" / "0.bmp"  # BMP: the file size is fixed by the pixel count
+    path.parent.mkdir()
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(path)
+    images = data.ImageSet([str(path)], [0], data.clip_model.preprocess(False, 16))
+    assert images.cached("t", str(tmp_path / "cache"))[0][0][:, 0, 0].tolist() == [200, 0, 0]
+    old = os.stat(path)
+    Image.new("RGB", (40, 40) if change == "mtime" else (48, 40), (0, 0, 200)).save(path)
+    ns = old.st_mtime_ns + (10**9 if change == "mtime" else 0)
+    os.utime(path, ns=(ns, ns))
+    assert (os.path.getsize(path) == old.st_size) == (change == "mtime")
+    assert images.cached("t", str(tmp_path / "cache"))[0][0][:, 0, 0].tolist() == [0, 0, 200]
+
+
+@pytest.mark.parametrize("names", [None, "mug\ncup\nCup \n"])
+def test_two_classes_of_one_name_are_refused(names, tmp_path):
+    """Class folders tea_pot and tea-pot (both "tea pot"), or classnames.txt naming a class twice
+    (CLIP's tokenizer reads "Cup " as "cup"), are refused in one line naming both folders."""
+    for c, folder in enumerate(("mug", "tea-pot", "tea_pot")):
+        for i in range(2):
+            write_image(tmp_path / "kitchen" / folder / f"{i}.png", 80 * c, i)
+    if names:
+        (tmp_path / "kitchen" / "classnames.txt").write_text(names)
+    with pytest.raises(data.DataError) as info:
+        data.load_folders(tmp_path)
+    said = str(info.value)
+    assert "\n" not in said and "tea-pot" in said and "tea_pot" in said, said
+    (tmp_path / "kitchen" / "classnames.txt").write_text("mug\nteapot\ntea pot\n")
+    (task,), _ = data.load_folders(tmp_path)
+    assert task.classnames == ["mug", "teapot", "tea pot"]
+
+
+@pytest.mark.parametrize("template", ["a {} photo of a {}.", "a photo of a {}. }",
+                                      "a {name} of a {}.", "a photo of a {{}}.", "{0.x} {}"])
+def test_a_template_that_cannot_be_formatted_is_refused(template, tmp_path):
+    """A template line with two {}, a lone brace, a named field, no {} left once its braces are
+    read, or an attribute: refused when the task is read, in one line naming the file and line."""
+    root = write_tasks(tmp_path)
+    (root / "gamma" / "templates.txt").write_text(f"a good {{}}.\n{template}\n")
+    with pytest.raises(data.DataError) as info:
+        data.load_folders(root)
+    said = str(info.value)
+    assert "\n" not in said and str(root / "gamma" / "templates.txt") in said, said
+    assert repr(template) in said, said
+
+
+def test_an_image_over_the_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    """An image over PIL's decompression-bomb limit (twice MAX_IMAGE_PIXELS, here lowered to 500:
+    48 x 40 is over 1000) is "not a readable image" in one line that states the limit."""
+    write_image(tmp_path / "big.png", 100, 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(data.DataError) as info:
+        data.ImageSet([str(tmp_path / "big.png")], [0])[0]
+    said = str(info.value)
+    assert "\n" not in said and "not a readable image" in said and "limit of 1000" in said
+
+
+def test_a_data_dir_that_is_missing_or_a_file_says_so(tmp_path):
+    """--data-dir naming nothing, or a file, says that, not "holds no task folder"."""
+    (tmp_path / "file").write_text("x")
+    for path, words in ((tmp_path / "nothing", "does not exist"), (tmp_path / "file", "is a file"),
+                        (tmp_path, "holds no task folder")):
+        with pytest.raises(data.DataError) as info:
+            data.load_folders(path)
+        assert "\n" not in str(info.value) and f"--data-dir {path} {words}" in str(info.value)
