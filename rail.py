@@ -33,8 +33,8 @@ def _ridge(gram, target, lam):
 
 
 class _Head:
-    """The tasks added, kept (CPU) so that a checkpoint rebuilds the head (X-TAIL: 36 MB of
-    features, not the primal's 1.8 GB sums); solved again when scores follow an add."""
+    """`added`: the tasks as given (CPU), the head's state: a fresh head given them is the same head
+    (X-TAIL: 36 MB of features, not the primal's 1.8 GB sums). Solved when scores follow an add."""
 
     def __init__(self, device, **positive):
         if bad := [f"{k} {v}" for k, v in positive.items() if not 0 < v < math.inf]:  # NaN too
@@ -60,12 +60,6 @@ class _Head:
     def _tasks(self, first=0):  # (features (N, d), one-hot targets (N, C)) per task, float64
         return [(x.to(self.device, torch.float64), F.one_hot(y.long(), n).to(self.device,
                  torch.float64)) for x, y, n in self.added[first:]]
-
-    def state_dict(self):
-        return {"added": self.added}
-
-    def load_state_dict(self, state):  # into a fresh head: the same sums in the same order
-        self.added, self.solution = list(state["added"]), None
 
 
 class Primal(_Head):

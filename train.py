@@ -145,8 +145,8 @@ if args.resume:  # the weights and results of the finished tasks
         model.load_state_dict(saved["model"])
         results.update({k: v for k, v in saved["results"].items() if k != "args"})
         state = saved.get("routing", state)
-        if head:
-            head.load_state_dict(saved["rail"])
+        if head:  # the same sums in the same order: the same head
+            head.added = saved["rail"]
     except Exception as e:  # truncated, not this project's, or --model's shapes changed
         sys.exit(f"error: --resume: cannot continue from {ckpt_path} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:150]}); start again with --overwrite")
@@ -280,7 +280,7 @@ for t in range(len(results["acc"]), len(tasks)):
                 torch.save(update, tmp)
         with clip_model.atomic(ckpt_path) as tmp:
             torch.save({"model": model.state_dict(), "task": t + 1, "results": results,
-                        "routing": state, "rail": head and head.state_dict()}, tmp)
+                        "routing": state, "rail": head and head.added}, tmp)
         lap(times, "checkpoint", began)  # in results.json; the checkpoint's copy cannot hold it
         evaluation.write_json(results_path, results)
     except (OSError, RuntimeError) as e:  # a full disk: the files of the task before stay whole
