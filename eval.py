@@ -81,7 +81,8 @@ def image_features(encode, images, device, batch_size, workers):
 def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None, keep=None):
     """Top-1 accuracy (%) on every task's test set (a row of the accuracy matrix), each image among
     all tasks' classes if union (X-TAIL), else its own task's. times: gets the text's seconds
-    ("eval_text"); keep: per task the (N,) predictions (CPU) and (N, E) image features."""
+    ("eval_text"); keep: per task the (N,) predictions (CPU) and (N, E) image features, and
+    "texts": per task its classes' (C, E) text features."""
     was_training, began = model.training, time.time()
     model.eval()
     texts = [class_features(model, t.classnames, t.templates, device) for t in tasks]
@@ -98,6 +99,7 @@ def evaluate(model, tasks, union, device, batch_size=None, workers=0, times=None
         if keep is not None:
             keep.setdefault("predictions", []).append(pred.cpu())
             keep.setdefault("features", []).append(img)
+            keep["texts"] = texts
     model.train(was_training)
     return row
 

@@ -17,20 +17,21 @@ import analysis
 import clip_model
 import codyra
 import eval as evaluation
+import rail
 import routing
 
 # --- config: the recipe of each setting (the released code's for MTIL and X-TAIL); a flag wins
 RECIPES = {
     "mtil": dict(shots=5, dense_ratio=0.7, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
-                 kappa_max=0.005),
+                 kappa_max=0.005, rail_width=15000),
     "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
-                  kappa_max=0.005),
+                  kappa_max=0.005, rail_width=15000),
     # X-TAIL's rank selection in fewer steps (`python train.py`, ~2 min on two cores): which ranks
     # survive depends on the sum of tau over a task against |g| ~ N(0, 1), and on kappa_max / lr
     # (tau against Adam's step): the sum matches X-TAIL's, so does the ratio (docs/tiny_world.md)
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
-                 lr_full=1e-4, kappa_max=0.0125),
-}
+                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000),
+}  # rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
 # lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining
 RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
@@ -44,8 +45,9 @@ def recipe_help(key):  # the defaults as RECIPES states them, so that no help te
 p, groups = evaluation.parser("CoDyRA: learn a setting's tasks in turn, print the paper's tables.")
 groups["data"].add_argument("--shots", type=int, help="images per class; " + recipe_help("shots"))
 group = p.add_argument_group("adapter")
-group.add_argument("--method", choices=["codyra", "lora", "full"], default="codyra", help="codyra:"
-                   " LoRA with rank selection; lora: without it; full: full fine-tuning")
+group.add_argument("--method", choices=["codyra", "lora", "full", "frozen"], default="codyra",
+                   help="codyra: LoRA with rank selection; lora: without it; full: full "
+                   "fine-tuning; frozen: no training (--head alone learns)")
 group.add_argument("--rank", type=int, default=16, help="LoRA rank r per adapted matrix")
 group.add_argument("--encoders", choices=["vision", "text", "both"], default="both",
                    help="encoders to adapt")
@@ -65,6 +67,8 @@ group.add_argument("--routing", choices=["ae", "oracle", "none"], default="ae", 
                    "rows (Tables 1-2: a test image takes the prediction of the model after the "
                    "task it is routed to): ae: domain-wise auto-encoders, and the oracle's row "
                    "beside; oracle: that row alone (no frozen model copy); none: neither")
+group.add_argument("--head", choices=["rail-primal", "rail-dual"], help="RAIL's head (Table 5)")
+group.add_argument("--rail-width", type=int, help="RAIL-Primal's D; " + recipe_help("rail_width"))
 group.add_argument("--no-zero-shot", action="store_true",
                    help="skip the evaluation before the first task (the zero-shot row)")
 group = groups["system"]
@@ -73,15 +77,17 @@ group.add_argument("--plot", action="store_true", help="write figures into --out
 args = p.parse_args()
 evaluation.check_arguments(p, args, args.method)
 recipe = RECIPES[args.setting]  # where no flag is given; --method full: its lr_full
-for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max"):
+for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max", "rail_width"):
     if getattr(args, key) is None:
         setattr(args, key, recipe["lr_full" if (key, args.method) == ("lr", "full") else key])
-for keys, ok, want in ((("shots", "rank", "iterations", "batch_size"), lambda v: v >= 1, ">= 1"),
+for keys, ok, want in ((("shots", "rank", "iterations", "batch_size", "rail_width"), lambda v: v >= 1, ">= 1"),
                        (("dense_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),  # NaN fails each
                        (("kappa_max", "weight_decay"), lambda v: 0 <= v < math.inf, "finite, >= 0"),
                        (("lr",), lambda v: 0 < v < math.inf, "finite and > 0")):
     if bad := [k for k in keys if not ok(getattr(args, k))]:
         p.error(f"--{bad[0].replace('_', '-')} {getattr(args, bad[0])}: expected {want}")
+if args.method == "frozen" and (args.head is None or args.plot):
+    p.error("--method frozen trains nothing: give it a --head, and no --plot (zero-shot: eval.py)")
 try:
     placement = codyra.clip_placement(args.encoders, tuple(args.layers.split(",")))
 except ValueError as e:
@@ -119,8 +125,11 @@ results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args":
            "acc": [], "analysis": [], "seconds": [], "setup_seconds": time.time() - began,
            "routed": {name: {"acc": [], "routing_accuracy": []} for name in
                       {"ae": ["ae", "oracle"], "oracle": ["oracle"]}.get(args.routing, [])},
-           "holdout": {"datasets": [t.name for t in holdout]}}
+           "holdout": {"datasets": [t.name for t in holdout]},
+           **({"rail": {"variant": args.head, "acc": []}} if args.head else {})}
 state = routing.new_state()  # what the routed rows look up, kept in the checkpoint
+head = args.head and (rail.Dual(device=device) if args.head == "rail-dual" else rail.Primal(
+    model.text_projection.shape[1], args.rail_width, seed=args.seed, device=device))
 if args.resume:  # the weights and results of the finished tasks
     try:  # p.error's SystemExit passes the except below
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -136,6 +145,8 @@ if args.resume:  # the weights and results of the finished tasks
         model.load_state_dict(saved["model"])
         results.update({k: v for k, v in saved["results"].items() if k != "args"})
         state = saved.get("routing", state)
+        if head:  # the same sums in the same order: the same head
+            head.added = saved["rail"]
     except Exception as e:  # truncated, not this project's, or --model's shapes changed
         sys.exit(f"error: --resume: cannot continue from {ckpt_path} ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:150]}); start again with --overwrite")
@@ -166,24 +177,13 @@ def evaluate(into, key, sets, union=False, keep=None):
     into[key + "_seconds"] = time.time() - began
 
 
-# --- the sequence: per task, train fresh adapters and merge them, evaluate (row t), save
-keep = {}
-# the paper's first row: the model before any task (once a task is done, no longer there)
-if not (args.no_zero_shot or "zero_shot" in results or results["acc"]):
-    evaluate(results, "zero_shot", tasks, union, keep)
-    if holdout:  # Table 4's first row: each held-out dataset among its own classes
-        evaluate(results["holdout"], "zero_shot", holdout)
-    print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
-# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
-test_features = keep.get("features") if frozen is not None else None
-for t in range(len(results["acc"]), len(tasks)):
-    task, times, began = tasks[t], {}, time.time()
+def learn(t, task, train_set, times):
+    """One task (SPEC section 1): inject fresh adapters, train, merge; (report, factors)."""
+    began = time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
         earlier_text = torch.cat([evaluation.class_features(
             model, s.classnames, s.templates[:1], device) for s in tasks[:t]]) if t else None
     began = lap(times, "text", began)
-    # one task (SPEC section 1): inject fresh adapters, train, merge
-    train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
     torch.manual_seed(args.seed + 1000 * t)
     if args.method == "full":
         for name, param in model.named_parameters():
@@ -224,15 +224,31 @@ for t in range(len(results["acc"]), len(tasks)):
                   f"loss {loss.item():.3f} | tau {tau:.4f} | {rank}"
                   f"{(it + 1) * args.batch_size / seconds:.0f} img/s", flush=True)
     lap(times, "steps", stepping)
-    del optimizer, cosine, stream  # Adam's moments and the loader: not kept through evaluation
     if not torch.isfinite(loss):  # a NaN or inf loss ruins the weights: keep the saved ones
         sys.exit(f"error: task {t + 1} ({task.name}): the loss became {loss.item()}; lower --lr "
                  f"(the tasks before are saved in {args.out}: --resume)")
     report = analysis.task_report(model, start, pretrained)  # needs the adapters: before merge
     update = {n: (B.cpu(), A.cpu()) for n, (B, A) in codyra.factors(model).items()}
     codyra.merge(model)  # W0 <- W0 + B diag(g) A: the next task starts from these weights
-    began = lap(times, "train", began)
-    keep = {}
+    lap(times, "train", began)
+    return report, update
+
+
+# --- the sequence: per task, train fresh adapters and merge them, evaluate (row t), save
+keep = {}
+# the paper's first row: the model before any task (once a task is done, no longer there)
+if not (args.no_zero_shot or "zero_shot" in results or results["acc"]):
+    evaluate(results, "zero_shot", tasks, union, keep)
+    if holdout:  # Table 4's first row: each held-out dataset among its own classes
+        evaluate(results["holdout"], "zero_shot", holdout)
+    print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
+# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
+test_features = keep.get("features") if frozen is not None else None
+for t in range(len(results["acc"]), len(tasks)):
+    task, times = tasks[t], {}
+    train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
+    report, update = (None, {}) if args.method == "frozen" else learn(t, task, train_set, times)
+    keep, began = {}, time.time()
     with autocast:
         row = evaluation.evaluate(model, tasks, union, device, args.eval_batch_size, args.workers,
                                   times, keep)
@@ -247,6 +263,14 @@ for t in range(len(results["acc"]), len(tasks)):
         routing.add_domain(state, feats, test_features)  # feats: one crop of each image
     routing.add_rows(results["routed"], state, t, [s.test.labels for s in tasks])
     began = lap(times, "routing", began)
+    if head:  # RAIL's head learns this task from one crop of each image, by the encoder of now
+        torch.manual_seed(args.seed + 1000 * t + 2)  # the crops
+        with autocast:
+            train = evaluation.image_features(model.eval().encode_image, train_set, device,
+                                              args.eval_batch_size, 0)
+        rail.add_row(results["rail"], head, train, keep, [s.test.labels for s in tasks], union,
+                     model.logit_scale.exp().item())  # then every test set through the fusion
+        began = lap(times, "rail", began)
     results["acc"].append(row)
     results["analysis"].append(report)
     results["seconds"].append(times)
@@ -256,7 +280,7 @@ for t in range(len(results["acc"]), len(tasks)):
                 torch.save(update, tmp)
         with clip_model.atomic(ckpt_path) as tmp:
             torch.save({"model": model.state_dict(), "task": t + 1, "results": results,
-                        "routing": state}, tmp)
+                        "routing": state, "rail": head and head.added}, tmp)
         lap(times, "checkpoint", began)  # in results.json; the checkpoint's copy cannot hold it
         evaluation.write_json(results_path, results)
     except (OSError, RuntimeError) as e:  # a full disk: the files of the task before stay whole
@@ -267,7 +291,8 @@ for t in range(len(results["acc"]), len(tasks)):
         got, right = routed["acc"][-1], routed["routing_accuracy"][-1]
         print(evaluation.format_row(f"{name}:", got + [sum(got) / len(got)]) +
               f"   routed right {sum(right) / len(right):.0f}%")
-    print(analysis.format_report(report))
+    if report:
+        print(analysis.format_report(report))
     if args.plot:
         analysis.plot(results, args.out)
 
@@ -286,14 +311,19 @@ for name, routed in results["routed"].items():  # the second rows, under the fir
     print(f"routed by {routing.ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
         "" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
     print(evaluation.format_table(routed["metrics"], results["datasets"]).split("\n", 1)[1])
+if head:  # the same evaluations, each test image through RAIL's fusion
+    metrics = results["rail"]["metrics"] = evaluation.compute_metrics(results["rail"]["acc"])
+    print(f"with RAIL's head ({args.head}), fused with the zero-shot probabilities")
+    print(evaluation.format_table(metrics, results["datasets"]).split("\n", 1)[1])
 if holdout:
     print("\nhold-out datasets, never trained (Table 4): accuracy (%), each among its own classes")
     held, rows = results["holdout"], (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
     print(evaluation.format_rows(held["datasets"], [(label, held[key]) for label, key in rows
                                                     if key in held], "hold-out"))
-used = " ".join(f"{r['used_parameters'] / 1e6:.3g}M" for r in results["analysis"])
-print(f"parameters used per task (Table 7; kept ranks x (d_in + d_out + 1)): {used}")
-if args.method != "full":
+if args.method != "frozen":  # nothing trained
+    used = " ".join(f"{r['used_parameters'] / 1e6:.3g}M" for r in results["analysis"])
+    print(f"parameters used per task (Table 7; kept ranks x (d_in + d_out + 1)): {used}")
+if args.method in ("codyra", "lora"):
     kept = " ".join(f"{r['ranks']['mean']:.1f}" for r in results["analysis"])
     print(f"mean active rank per task: {kept}  (of {args.rank})")
 evaluation.write_json(results_path, results)
