@@ -80,7 +80,8 @@ recipe = RECIPES[args.setting]  # where no flag is given; --method full: its lr_
 for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max", "rail_width"):
     if getattr(args, key) is None:
         setattr(args, key, recipe["lr_full" if (key, args.method) == ("lr", "full") else key])
-for keys, ok, want in ((("shots", "rank", "iterations", "batch_size", "rail_width"), lambda v: v >= 1, ">= 1"),
+for keys, ok, want in ((("shots", "rank", "iterations", "batch_size", "rail_width"),
+                        lambda v: v >= 1, ">= 1"),
                        (("dense_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),  # NaN fails each
                        (("kappa_max", "weight_decay"), lambda v: 0 <= v < math.inf, "finite, >= 0"),
                        (("lr",), lambda v: 0 < v < math.inf, "finite and > 0")):
