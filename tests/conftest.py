@@ -1,12 +1,15 @@
 """Shared by the tests in this folder: the project root on sys.path, one small CLIP, and scripts
 run in this process."""
+import atexit
 import contextlib
 import gc
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from unittest import mock
@@ -19,6 +22,14 @@ sys.path.insert(0, ROOT)
 if "PYTEST_XDIST_WORKER" in os.environ:  # one thread a worker (and a script it starts): two on
     os.environ["OMP_NUM_THREADS"] = "1"  # two shared cores stall each other at every barrier
     torch.set_num_threads(1)
+# the suite never reads or writes its user's caches or home: this process and every script it
+# starts get a home of their own, removed at exit; CACHE, the test images of a session's scripts
+HOME = tempfile.mkdtemp(prefix="codyra-tests-home-")
+atexit.register(shutil.rmtree, HOME, ignore_errors=True)
+os.environ.update(HOME=HOME, XDG_CACHE_HOME=os.path.join(HOME, ".cache"),
+                  CLIP_CACHE=os.path.join(HOME, "clip"), HF_HOME=os.path.join(HOME, "hf"),
+                  TORCH_HOME=os.path.join(HOME, "torch"), MPLCONFIGDIR=os.path.join(HOME, "mpl"))
+CACHE = os.path.join(HOME, "eval-cache")
 
 import clip_model  # noqa: E402
 import data  # noqa: E402

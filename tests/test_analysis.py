@@ -10,7 +10,7 @@ import torch.nn as nn
 import analysis
 import clip_model
 import codyra
-from conftest import run_script
+from conftest import CACHE, run_script
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -176,10 +176,11 @@ def test_full_fine_tuning_is_measured_against_the_snapshot(small_clip):
 
 def test_tiny_run_with_plot_writes_figures_and_analysis(small_weights, tmp_path):
     """train.py --plot writes the three figures and one analysis entry per task to results.json,
-    with each task's ||dW_t||_F / ||W_pre||_F."""
+    with each task's ||dW_t||_F / ||W_pre||_F; tau = 1 at the second and third of three steps
+    prunes ranks of |g| < 2 (95% of N(0, 1)), whole matrices', and the merged model shows it."""
     argv = ["--setting", "tiny", "--iterations", "3", "--batch-size", "8", "--rank", "2",
-            "--workers", "0", "--eval-batch-size", "64", "--model", small_weights,
-            "--out", str(tmp_path), "--plot"]
+            "--dense-ratio", "0", "--kappa-max", "1", "--workers", "0", "--eval-batch-size",
+            "64", "--cache-dir", CACHE, "--model", small_weights, "--out", str(tmp_path), "--plot"]
     out = run_script("train.py", *argv)
     assert out.returncode == 0, out.stderr
     for name in ("accuracy.png", "ranks.png", "drift.png"):
@@ -189,19 +190,27 @@ def test_tiny_run_with_plot_writes_figures_and_analysis(small_weights, tmp_path)
     assert res["analysis"][-1]["drift"]["norm"]["total"] > 0
     # each task's relative update, by hand: its merged factors against the pretrained weights
     pre = torch.load(small_weights)
+    injected = kept_in_all = 0
     for t, rep in enumerate(res["analysis"]):
         update = torch.load(tmp_path / f"factors-task{t + 1}.pt")
         dw = math.hypot(*(float((B @ A).norm()) for B, A in update.values()))
         w = math.hypot(*(float(pre[n + ".weight"].norm()) for n in update))
         assert rep["update"]["relative"] == pytest.approx(dw / w, rel=1e-3), t
-    # the merged updates are all there is: rank(W_T - W_pre) <= the sum of the ranks kept per task
+        injected, kept_in_all = injected + 2 * len(update), kept_in_all + sum(
+            A.shape[0] for _, A in update.values())
+    assert 0 < kept_in_all < injected / 2, (kept_in_all, injected)
+    # the merged updates are all there is: rank(W_T - W_pre) <= the sum of the ranks kept per task,
+    # 0 where every task pruned all of a matrix's ranks
     c = analysis.compare(clip_model.load(small_weights),
                          clip_model.load(str(tmp_path / "checkpoint.pt")))
+    untouched = 0
     for e, rows in c["rank"]["grid"].items():
         for i, row in enumerate(rows):
             kept = [sum(rep["ranks"]["grid"][e][i][j] for rep in res["analysis"])
                     for j in range(len(row))]
             assert all(x <= k and (x > 0) == (k > 0) for x, k in zip(row, kept)), (e, i, row, kept)
+            untouched += kept.count(0)
+    assert untouched > 0, "no matrix lost all its ranks in every task"
 
 
 def test_compare_two_checkpoints(small_weights, tmp_path):

@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -16,12 +16,12 @@ import clip_model
 import data
 import eval as evaluation
 import tiny_world
-from conftest import run_script
+from conftest import CACHE, run_script
 from test_data import write_fake_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--setting", "tiny", "--iterations", "2", "--batch-size", "4", "--rank", "2",
-        "--workers", "0", "--eval-batch-size", "64", "--datasets", "shapes,digits"]
+        "--workers", "0", "--eval-batch-size", "64", "--datasets", "shapes,digits",
+        "--cache-dir", CACHE]
 
 
 run = run_script
@@ -43,20 +43,21 @@ def data_error(call, *words):
 # --- data: code in a file, lost or silently wrong results, late crashes
 
 class Payload:  # pickled, it would call os.system when loaded
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return os.system, ("touch /tmp/codyra_payload_ran",)
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_a_crafted_cifar_pickle_runs_no_code(tmp_path):
     """CIFAR-100's files are read with an unpickler that refuses anything but arrays and lists."""
     write_fake_layout(tmp_path, "mtil")
-    meta = tmp_path / "cifar-100-python" / "meta"
-    meta.write_bytes(pickle.dumps({"fine_label_names": Payload()}))
-    if os.path.exists("/tmp/codyra_payload_ran"):
-        os.remove("/tmp/codyra_payload_ran")
+    meta, marker = tmp_path / "cifar-100-python" / "meta", tmp_path / "payload_ran"
+    meta.write_bytes(pickle.dumps({"fine_label_names": Payload(marker)}))
     data_error(lambda: data.load_tasks("mtil", tmp_path, datasets=["cifar100"]), "cifar100",
                "refused")
-    assert not os.path.exists("/tmp/codyra_payload_ran")
+    assert not marker.exists()
     assert len(data.load_tasks("xtail", _xtail(tmp_path), datasets=["mnist"])) == 1
 
 
@@ -222,15 +223,17 @@ def test_two_runs_into_one_out_do_not_mix(tmp_path):
 def test_interrupted_runs_keep_what_they_finished(small_weights, tmp_path):
     """Ctrl-C prints one line; a checkpoint without results.json is not overwritten silently; a
     --model replaced before --resume, or a truncated checkpoint, gives one line."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--model", small_weights,
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    while not (out / "results.json").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate()[1]
-    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    out, write_json = tmp_path / "run", evaluation.write_json
+
+    def write_then_ctrl_c(path, obj):  # a SIGINT to this process once task 1 is written
+        write_json(path, obj)
+        os.kill(os.getpid(), signal.SIGINT)
+    with mock.patch.object(evaluation, "write_json", write_then_ctrl_c):
+        done = run("train.py", *FAST, "--model", small_weights, "--out", str(out))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("interrupted") and "--resume" in lines[0]
+    assert len(json.loads((out / "results.json").read_text())["acc"]) == 1
     os.remove(out / "results.json")  # as if killed between the two writes
     one_line_error(run("train.py", *FAST, "--model", small_weights, "--out", str(out)), "--resume")
     moved = tmp_path / "moved"  # a moved run folder still resumes

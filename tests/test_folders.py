@@ -92,19 +92,27 @@ def test_eval_py_gives_the_zero_shot_row_in_the_asked_order(whole, tmp_path):
 
 
 def test_resume_of_a_folders_run(whole, tmp_path):
-    """A folders run killed after a task resumes to the uninterrupted run's matrix; a resume that
+    """A folders run killed after a task resumes: it says so, trains only the tasks after, keeps
+    the first run's row and timings and ends on the uninterrupted run's matrix; a resume that
     finds another list of task folders is refused in one line."""
     root, out, _ = whole
     tasks = shutil.copytree(root, tmp_path / "tasks")
     argv = [*FAST, "--data-dir", str(tasks), "--cache-dir", str(tmp_path / "cache")]
-    assert 1 <= kill_after_first_task(*argv, out=tmp_path / "cut") < 3
+    assert kill_after_first_task(*argv, out=tmp_path / "cut") == 1
+    first = json.loads((tmp_path / "cut" / "results.json").read_text())
     shutil.copytree(tasks / "beta", tasks / "delta")
     one_line_error(run(*argv, "--out", str(tmp_path / "cut"), "--resume"), "the tasks in")
     shutil.rmtree(tasks / "delta")
     done = run(*argv, "--out", str(tmp_path / "cut"), "--resume")
     assert done.returncode == 0, done.stderr
-    assert (json.loads((tmp_path / "cut" / "results.json").read_text())["acc"]
-            == json.loads((out / "results.json").read_text())["acc"])
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("resuming after task 1/3 from ") for line in lines), done.stdout
+    trained = [line.split()[1:3] for line in lines if line.startswith("task ")]  # progress lines
+    assert trained and {tuple(t) for t in trained} == {("2/3", "beta"), ("3/3", "gamma")}
+    res = json.loads((tmp_path / "cut" / "results.json").read_text())
+    timings = {k: v for k, v in first["seconds"][0].items() if k != "checkpoint"}  # saved before it
+    assert res["seconds"][0] == timings and res["acc"][0] == first["acc"][0]
+    assert res["acc"] == json.loads((out / "results.json").read_text())["acc"]
 
 
 def _no_test_split(root):
