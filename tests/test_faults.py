@@ -16,7 +16,7 @@ import clip_model
 import data
 import eval as evaluation
 import tiny_world
-from conftest import CACHE, run_script
+from conftest import CACHE, ROOT, run_script
 from test_data import write_fake_layout
 
 FAST = ["--setting", "tiny", "--iterations", "2", "--batch-size", "4", "--rank", "2",
