@@ -80,8 +80,7 @@ _tokenizer = functools.cache(Tokenizer)  # built on first use, then shared
 def tokenize(texts, context_length=77, truncate=False):
     """str or list of str -> (N, context_length) LongTensor: [sot] ids [eot], zero-padded."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    tok = _tokenizer()
-    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    tok, out = _tokenizer(), torch.zeros(len(texts), context_length, dtype=torch.long)
     for n, text in enumerate(texts):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
         if len(ids) > context_length and not truncate:
@@ -221,9 +220,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
         for tower in (self.transformer, self.visual.transformer):
             for block in tower.resblocks:
-                width = block.ln_1.weight.shape[0]
+                attn, mlp, width = block.attn, block.mlp, block.ln_1.weight.shape[0]
                 proj_std = width ** -0.5 * (2 * len(tower.resblocks)) ** -0.5
-                attn, mlp = block.attn, block.mlp
                 for linear, std in [(attn.q_proj, width ** -0.5), (attn.k_proj, width ** -0.5),
                                     (attn.v_proj, width ** -0.5), (attn.out_proj, proj_std),
                                     (mlp.c_fc, (2 * width) ** -0.5), (mlp.c_proj, proj_std)]:

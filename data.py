@@ -218,8 +218,7 @@ def _set(rows):  # (path, label) rows
 def _labelled(train, test, classes):
     """classes, and the ImageSets of (path, name) pairs labelled by the name's index in classes."""
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({c for _, c in train + test} - set(index))
-    if unknown:
+    if unknown := sorted({c for _, c in train + test} - set(index)):
         raise ValueError(f"class {unknown[0]!r} is listed but not among the {len(index)} classes "
                          "(the train list or the class list); is the download complete?")
     return classes, *(_set([(p, index[c]) for p, c in pairs]) for pairs in (train, test))
@@ -261,11 +260,10 @@ def _loadmat(name, path):
 
 
 def _aircraft(folder):  # torchvision fgvc-aircraft-2013b/data/ == CoOp fgvc_aircraft/
-    classes = _lines(folder / "variants.txt")
     rows = [[line.split(" ", 1) for line in _lines(folder / f"images_variant_{split}.txt")]
             for split in ("train", "test")]
     return _labelled(*[[(folder / "images" / f"{r[0]}.jpg", r[1]) for r in rs] for rs in rows],
-                     classes)
+                     _lines(folder / "variants.txt"))
 
 
 def _cifar100(folder):
@@ -364,10 +362,9 @@ def _places365(folder):  # torchvision Places365(split="val"): the validation se
 
 
 def _imagenet(folder):  # torchvision ImageNet(split="val"): val/<wnid>/*.JPEG, labels in wnid order
-    wnids, paths, labels = _image_folder(folder / "val")
+    wnids, paths, labels = _image_folder(folder / "val")  # sorted, the order of the assets' names
     if len(wnids) != 1000:
         raise ValueError(f"{folder / 'val'} holds {len(wnids)} class folders; ImageNet-1k has 1000")
-    # the curated names (assets) follow the sorted wnids
     return list(ASSETS["mtil"]["imagenet"]["classnames"]), None, ImageSet(paths, labels)
 
 
@@ -481,8 +478,7 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
                 errors[name] = " ".join(" ".join(f"{type(x).__name__}: {x}" for x in (
                     e, e.__cause__ or e.__context__) if x).split())[:300]
         folders[name] = find(name)
-    missing = [_missing(n, layout, data_dir, errors.get(n)) for n in names if folders[n] is None]
-    if missing:
+    if missing := [_missing(n, layout, data_dir, errors.get(n)) for n in names if not folders[n]]:
         also = ", ".join(m.split(":")[0] for m in missing[1:])
         raise DataError(missing[0] + (f" (also missing: {also})" if also else ""))
     # 2. every dataset indexes (file lists, split files, label arrays; no image is decoded)

@@ -157,11 +157,6 @@ def write_benchmark(home, sequence, scale):
     os.replace(tmp, home / "data")
 
 
-def peak_mb(cuda):
-    return (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # maxrss: kB on Linux
-
-
 def clock(fn, cuda, host=False):
     """(fn(), seconds, peak MB: on CUDA the call's GPU memory unless host; else the process's)."""
     if cuda:
@@ -170,7 +165,9 @@ def clock(fn, cuda, host=False):
     result = fn()
     if cuda:
         torch.cuda.synchronize()
-    return result, time.perf_counter() - began, peak_mb(cuda and not host)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda and not host
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # maxrss: kB on Linux
+    return result, time.perf_counter() - began, peak
 
 
 def main(args, device, size, config):
