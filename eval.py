@@ -23,8 +23,7 @@ SETTINGS = {**data.BENCHMARKS, "tiny": tiny_world.BENCHMARK, "folders": data.FOL
 # --- metrics (ZSCL and RAIL's). acc[t][j]: top-1 accuracy (%) on dataset j after training task t
 def compute_metrics(acc):
     """Transfer (over the rows above the diagonal), Average (all rows), Last: mean, per dataset."""
-    per = {"transfer": [sum(row[j] for row in acc[:j]) / len(acc[:j])
-                        for j in range(1, len(acc[0]))],
+    per = {"transfer": [sum(r[j] for r in acc[:j]) / len(acc[:j]) for j in range(1, len(acc[0]))],
            "average": [sum(col) / len(col) for col in zip(*acc)], "last": list(acc[-1])}
     return {name: {"mean": sum(v) / len(v) if v else None,
                    "per_dataset": [None] * (name == "transfer") + v} for name, v in per.items()}
@@ -173,8 +172,7 @@ def check_arguments(p, args, run):
                 bad[0] in held else f"--holdout {bad[0]}: expected one of {','.join(held)}")
     args.eval_style = args.eval_style or cfg["eval_style"]
     args.layout, args.prompts = args.layout or cfg.get("layout"), args.prompts or cfg.get("prompts")
-    if min(args.workers, args.seed) < 0 or (args.eval_batch_size is not None
-                                            and args.eval_batch_size < 1):
+    if min(args.workers, args.seed, args.eval_batch_size or 1) < 0 or args.eval_batch_size == 0:
         p.error("--eval-batch-size must be >= 1, --workers and --seed >= 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; choose a folder")

@@ -186,9 +186,8 @@ def learn(t, task, train_set, times):
             model, s.classnames, s.templates[:1], device) for s in tasks[:t]]) if t else None
     began = lap(times, "text", began)
     torch.manual_seed(args.seed + 1000 * t)
-    if args.method == "full":
-        for name, param in model.named_parameters():
-            param.requires_grad = name != "logit_scale"
+    if args.method == "full":  # every weight but the temperature
+        model.requires_grad_(True).logit_scale.requires_grad_(False)
     else:
         codyra.inject(model, args.rank, where=placement)
     start = analysis.snapshot(model, placement)  # which ranks survive depends on |g| at init
@@ -204,9 +203,8 @@ def learn(t, task, train_set, times):
     model.train()
     stepping, tau = time.time(), 0.0
     for it in range(args.iterations):
-        images, labels = next(stream)
-        images = clip_model.normalize(images.to(device, non_blocking=True))  # (B, 3, R, R)
-        labels = labels.to(device, non_blocking=True)
+        images, labels = (x.to(device, non_blocking=True) for x in next(stream))
+        images = clip_model.normalize(images)  # (B, 3, R, R)
         with autocast:
             img = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, E)
             txt = F.normalize(model.encode_text(tokens).float(), dim=-1)   # (C, E)
@@ -237,14 +235,12 @@ def learn(t, task, train_set, times):
 
 # --- the sequence: per task, train fresh adapters and merge them, evaluate (row t), save
 keep = {}
-# the paper's first row: the model before any task (once a task is done, no longer there)
-if not (args.no_zero_shot or "zero_shot" in results or results["acc"]):
+if not (args.no_zero_shot or "zero_shot" in results or results["acc"]):  # the paper's first row
     evaluate(results, "zero_shot", tasks, union, keep)
     if holdout:  # Table 4's first row: each held-out dataset among its own classes
         evaluate(results["holdout"], "zero_shot", holdout)
     print(evaluation.format_matrix([], results["datasets"], results["zero_shot"]))
-# the auto-encoders read pretrained test features: the zero-shot pass's, else the frozen copy's
-test_features = keep.get("features") if frozen is not None else None
+test_features = keep.get("features") if frozen is not None else None  # the zero-shot pass's
 for t in range(len(results["acc"]), len(tasks)):
     task, times = tasks[t], {}
     train_set = task.train.decoded(args.workers)  # JPEGs decoded once a task
@@ -255,7 +251,7 @@ for t in range(len(results["acc"]), len(tasks)):
                                   times, keep)
     began = lap(times, "eval", began)
     state["predictions"].append(keep["predictions"])
-    if frozen is not None:  # the auto-encoders read the frozen copy's features
+    if frozen is not None:  # auto-encoders' features: the zero-shot pass's, else the frozen copy's
         with autocast:
             test_features = test_features or [evaluation.image_features(
                 frozen, s.test, device, args.eval_batch_size, args.workers)[0] for s in tasks]
@@ -272,9 +268,8 @@ for t in range(len(results["acc"]), len(tasks)):
         rail.add_row(results["rail"], head, train, keep, [s.test.labels for s in tasks], union,
                      model.logit_scale.exp().item())  # then every test set through the fusion
         began = lap(times, "rail", began)
-    results["acc"].append(row)
-    results["analysis"].append(report)
-    results["seconds"].append(times)
+    for key, value in (("acc", row), ("analysis", report), ("seconds", times)):
+        results[key].append(value)
     try:  # the checkpoint first (it holds the results too), then the readable copy; atomic
         if update:  # this task's surviving ranks: any model of the sequence can be rebuilt
             with clip_model.atomic(os.path.join(args.out, f"factors-task{t + 1}.pt")) as tmp:
@@ -306,16 +301,15 @@ if "zero_shot" in results:  # the paper's zero-shot row: the pretrained model as
 print(f"\n{args.method} on {args.setting}: accuracy (%) after the whole sequence")
 print(evaluation.format_table(results["metrics"], results["datasets"],
                               results.get("zero_shot_metrics")))
-for name, routed in results["routed"].items():  # the second rows, under the first
-    routed["metrics"] = evaluation.compute_metrics(routed["acc"])
-    got = routed["routing_summary"] = routing.summary(routed["routing_accuracy"])
-    print(f"routed by {routing.ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%" + (
-        "" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
-    print(evaluation.format_table(routed["metrics"], results["datasets"]).split("\n", 1)[1])
-if head:  # the same evaluations, each test image through RAIL's fusion
-    metrics = results["rail"]["metrics"] = evaluation.compute_metrics(results["rail"]["acc"])
-    print(f"with RAIL's head ({args.head}), fused with the zero-shot probabilities")
-    print(evaluation.format_table(metrics, results["datasets"]).split("\n", 1)[1])
+for name, block in {**results["routed"], **({"rail": results["rail"]} if head else {})}.items():
+    block["metrics"] = evaluation.compute_metrics(block["acc"])  # the second rows, under the first
+    if name == "rail":  # the same evaluations, each test image through RAIL's fusion
+        print(f"with RAIL's head ({args.head}), fused with the zero-shot probabilities")
+    else:
+        got = block["routing_summary"] = routing.summary(block["routing_accuracy"])
+        print(f"routed by {routing.ROUTERS[name]}: seen domains routed right {got['seen']:.1f}%"
+              + ("" if got["unseen"] is None else f", unseen ones recognised {got['unseen']:.1f}%"))
+    print(evaluation.format_table(block["metrics"], results["datasets"]).split("\n", 1)[1])
 if holdout:
     print("\nhold-out datasets, never trained (Table 4): accuracy (%), each among its own classes")
     held, rows = results["holdout"], (("zero-shot", "zero_shot"), (f"after {len(tasks)}", "last"))
