@@ -37,6 +37,20 @@ BENCHMARKS = {  # datasets in task order, evaluation style, defaults of --layout
               "datasets": ("aircraft", "caltech101", "dtd", "eurosat", "flowers", "food",
                            "mnist", "pets", "cars", "sun397")},
 }
+# each setting's training recipe (the released code's for MTIL and X-TAIL); train.py's flags win
+RECIPES = {
+    "mtil": dict(shots=5, dense_ratio=0.7, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
+                 kappa_max=0.005, rail_width=15000),
+    "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
+                  kappa_max=0.005, rail_width=15000),
+    # X-TAIL's rank selection in fewer steps (`python train.py`, minutes on two cores): which ranks
+    # survive depends on the sum of tau over a task against |g| ~ N(0, 1), and on kappa_max / lr
+    # (tau against Adam's step): the sum matches X-TAIL's, so does the ratio (docs/tiny_world.md)
+    "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
+                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000),
+}  # rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
+# lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining
+RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 _SAME_SIZES = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000),  # as torchvision's
                "places365": (365, None, 36500), "imagenet": (1000, None, 50000)}  # val sets only
 SIZES = {  # (classes, train images, test images) of the real data in each layout

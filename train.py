@@ -16,59 +16,40 @@ import torch.nn.functional as F
 import analysis
 import clip_model
 import codyra
+import data
 import eval as evaluation
 import rail
 import routing
 
-# --- config: the recipe of each setting (the released code's for MTIL and X-TAIL); a flag wins
-RECIPES = {
-    "mtil": dict(shots=5, dense_ratio=0.7, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
-                 kappa_max=0.005, rail_width=15000),
-    "xtail": dict(shots=16, dense_ratio=0.5, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
-                  kappa_max=0.005, rail_width=15000),
-    # X-TAIL's rank selection in fewer steps (`python train.py`, ~2 min on two cores): which ranks
-    # survive depends on the sum of tau over a task against |g| ~ N(0, 1), and on kappa_max / lr
-    # (tau against Adam's step): the sum matches X-TAIL's, so does the ratio (docs/tiny_world.md)
-    "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
-                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000),
-}  # rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
-# lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining
-RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 RUNTIME_FLAGS = {"resume", "overwrite", "device", "workers", "cache_dir", "plot", "out",
                  "data_dir", "eval_batch_size", "no_zero_shot"}  # the rest define the run
-
-
-def recipe_help(key):  # the defaults as RECIPES states them, so that no help text drifts
-    return "default: the setting's, " + ", ".join(f"{r[key]} {s}" for s, r in RECIPES.items())
-
-
+recipe_help = {key: "default: the setting's, " + ", ".join(  # as data.RECIPES states them
+    f"{r[key]} {s}" for s, r in data.RECIPES.items()) for key in data.RECIPES["tiny"]}
 p, groups = evaluation.parser("CoDyRA: learn a setting's tasks in turn, print the paper's tables.")
-groups["data"].add_argument("--shots", type=int, help="images per class; " + recipe_help("shots"))
+groups["data"].add_argument("--shots", type=int, help="images per class; " + recipe_help["shots"])
 group = p.add_argument_group("adapter")
 group.add_argument("--method", choices=["codyra", "lora", "full", "frozen"], default="codyra",
-                   help="codyra: LoRA with rank selection; lora: without it; full: full "
-                   "fine-tuning; frozen: no training (--head alone learns)")
+                   help="codyra: LoRA + rank selection; lora: without; full; frozen: --head alone")
 group.add_argument("--rank", type=int, default=16, help="LoRA rank r per adapted matrix")
 group.add_argument("--encoders", choices=["vision", "text", "both"], default="both",
                    help="encoders to adapt")
 group.add_argument("--layers", default="q,k,v,out,c_fc,c_proj", help="linear types to adapt")
 group.add_argument("--kappa-max", type=float, help="final soft-threshold tau (absolute units "
-                   "of g); " + recipe_help("kappa_max"))
+                   "of g); " + recipe_help["kappa_max"])
 group.add_argument("--dense-ratio", type=float, help="fraction of iterations before "
-                   "thresholding starts; " + recipe_help("dense_ratio"))
+                   "thresholding starts; " + recipe_help["dense_ratio"])
 group = p.add_argument_group("optimisation")
-group.add_argument("--iterations", type=int, help="steps per task; " + recipe_help("iterations"))
-group.add_argument("--batch-size", type=int, help="images per step; " + recipe_help("batch_size"))
+group.add_argument("--iterations", type=int, help="steps per task; " + recipe_help["iterations"])
+group.add_argument("--batch-size", type=int, help="images per step; " + recipe_help["batch_size"])
 group.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 in every task; "
-                   + recipe_help("lr") + "; --method full: " + recipe_help("lr_full")[9:])
+                   + recipe_help["lr"] + "; --method full: " + recipe_help["lr_full"][9:])
 group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 group = p.add_argument_group("evaluation")
 group.add_argument("--routing", choices=["ae", "oracle", "none"], default="ae", help="the second "
-                   "rows (Tables 1-2: a test image takes the prediction of the model after the "
-                   "task it is routed to): ae: domain-wise auto-encoders, and the oracle's row "
-                   "beside; oracle: that row alone (no frozen model copy); none: neither")
+                   "rows (Tables 1-2, docs/benchmarks.md#second-rows): ae: domain-wise auto-"
+                   "encoders, and the oracle's row; oracle: that row alone; none: neither")
 group.add_argument("--head", choices=["rail-primal", "rail-dual"], help="RAIL's head (Table 5)")
-group.add_argument("--rail-width", type=int, help="RAIL-Primal's D; " + recipe_help("rail_width"))
+group.add_argument("--rail-width", type=int, help="RAIL-Primal's D; " + recipe_help["rail_width"])
 group.add_argument("--no-zero-shot", action="store_true",
                    help="skip the evaluation before the first task (the zero-shot row)")
 group = groups["system"]
@@ -76,7 +57,7 @@ group.add_argument("--resume", action="store_true", help="continue the run in --
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
 evaluation.check_arguments(p, args, args.method)
-recipe = RECIPES[args.setting]  # where no flag is given; --method full: its lr_full
+recipe = data.RECIPES[args.setting]  # where no flag is given; --method full: its lr_full
 for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max", "rail_width"):
     if getattr(args, key) is None:
         setattr(args, key, recipe["lr_full" if (key, args.method) == ("lr", "full") else key])

@@ -1,4 +1,3 @@
-import ast
 import contextlib
 import json
 import math
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 import clip_model
 import codyra
+import data
 import eval as evaluation
 from conftest import CACHE, SMALL, make_small_clip, run_script
 
@@ -133,20 +133,13 @@ def test_zero_shot_row_comes_first_and_equals_eval_py(small_weights, tmp_path):
     assert trained.stdout.index("zero-shot") < trained.stdout.index("task 1/")
 
 
-def recipes():
-    """train.RECIPES, read from the script's source (nothing imports a script)."""
-    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "RECIPES")
-    return eval(compile(ast.Expression(node.value), "train.py", "eval"), {"dict": dict})
-
-
 def test_the_tiny_recipe_selects_ranks_as_x_tail_does():
     """The tiny recipe's sum of tau over a task is X-TAIL's within 2%, and kappa_max / lr is
     X-TAIL's 10 within 20%: the paper's operating point of the rank selection."""
     def tau_sum(r):
         return sum(codyra.threshold_schedule(i, r["iterations"], r["dense_ratio"], r["kappa_max"])
                    for i in range(r["iterations"]))
-    tiny, xtail = recipes()["tiny"], recipes()["xtail"]
+    tiny, xtail = data.RECIPES["tiny"], data.RECIPES["xtail"]
     assert tau_sum(xtail) == pytest.approx(0.65, abs=0.005)
     assert tau_sum(tiny) == pytest.approx(tau_sum(xtail), rel=0.02)
     assert xtail["kappa_max"] / xtail["lr"] == pytest.approx(10)
