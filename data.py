@@ -35,8 +35,7 @@ BENCHMARKS = {  # datasets in task order, evaluation style, defaults of --layout
     # paper Table 1: MTIL without cifar100; union: among all 1,100 classes at once
     "xtail": {"eval_style": "union", "layout": "coop", "prompts": "first",
               "datasets": ("aircraft", "caltech101", "dtd", "eurosat", "flowers", "food",
-                           "mnist", "pets", "cars", "sun397")},
-}
+                           "mnist", "pets", "cars", "sun397")}}
 _SAME_SIZES = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000),  # as torchvision's
                "places365": (365, None, 36500), "imagenet": (1000, None, 50000)}  # val sets only
 SIZES = {  # (classes, train images, test images) of the real data in each layout
@@ -47,8 +46,7 @@ SIZES = {  # (classes, train images, test images) of the real data in each layou
     "coop": {"aircraft": (100, 3334, 3333), "caltech101": (100, 4128, 2465),  # CoOp's Table 1
              "dtd": (47, 2820, 1692), "eurosat": (10, 13500, 8100), "flowers": (102, 4093, 2463),
              "food": (101, 50500, 30300), "pets": (37, 2944, 3669), "cars": (196, 6509, 8041),
-             "sun397": (397, 15880, 19850), **_SAME_SIZES},
-}
+             "sun397": (397, 15880, 19850), **_SAME_SIZES}}
 HOLDOUT = ("cifar100", "places365", "imagenet")  # paper Table 4: never trained, evaluated only
 ASSETS, _HELD_OUT = (json.loads((Path(__file__).parent / "assets" / f).read_text())
                      for f in ("classnames_templates.json", "holdout.json"))
@@ -393,8 +391,7 @@ _SAME_LAYOUT = {  # CIFAR100 and MNIST as torchvision has them; Table 4's held-o
     "mnist": (("MNIST/raw",), tuple(f"{split}-{part}-ubyte" for split in ("train", "t10k")
                                     for part in ("images-idx3", "labels-idx1")), _mnist),
     "places365": (("places365",), ("categories_places365.txt", "places365_val.txt"), _places365),
-    "imagenet": (("imagenet",), ("val",), _imagenet),
-}
+    "imagenet": (("imagenet",), ("val",), _imagenet)}
 LAYOUTS = {
     "torchvision": {  # the folders torchvision 0.29's dataset classes create under their root
         "aircraft": (("fgvc-aircraft-2013b/data",), _AIRCRAFT, _aircraft),
@@ -408,8 +405,7 @@ LAYOUTS = {
         "cars": (("stanford_cars",), ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
                                       "cars_test_annos_withlabels.mat", "cars_train", "cars_test"),
                  _cars),
-        "sun397": (("SUN397",), ("ClassName.txt",), _sun397), **_SAME_LAYOUT,
-    },
+        "sun397": (("SUN397",), ("ClassName.txt",), _sun397), **_SAME_LAYOUT},
     "coop": {  # CoOp's DATASETS.md
         "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT, _aircraft),
         "caltech101": _coop(("caltech-101", "caltech101"), "Caltech101", "101_ObjectCategories"),
@@ -420,9 +416,7 @@ LAYOUTS = {
         "pets": _coop(("oxford_pets", "oxford-iiit-pet"), "OxfordPets", "images"),
         # its paths start with cars_{train,test}/
         "cars": _coop(("stanford_cars",), "StanfordCars", "", ("cars_train", "cars_test")),
-        "sun397": _coop(("sun397",), "SUN397", "SUN397"), **_SAME_LAYOUT,
-    },
-}
+        "sun397": _coop(("sun397",), "SUN397", "SUN397"), **_SAME_LAYOUT}}
 _TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101", "dtd": "DTD",
                       "cifar100": "CIFAR100", "eurosat": "EuroSAT", "flowers": "Flowers102", "food":
                       "Food101", "mnist": "MNIST", "pets": "OxfordIIITPet", "sun397": "SUN397"}
