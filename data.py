@@ -35,8 +35,7 @@ BENCHMARKS = {  # datasets in task order, evaluation style, defaults of --layout
     # paper Table 1: MTIL without cifar100; union: among all 1,100 classes at once
     "xtail": {"eval_style": "union", "layout": "coop", "prompts": "first",
               "datasets": ("aircraft", "caltech101", "dtd", "eurosat", "flowers", "food",
-                           "mnist", "pets", "cars", "sun397")},
-}
+                           "mnist", "pets", "cars", "sun397")}}
 # each setting's training recipe (the released code's for MTIL and X-TAIL); train.py's flags win
 RECIPES = {
     "mtil": dict(shots=5, dense_ratio=0.7, iterations=500, batch_size=64, lr=5e-4, lr_full=1e-5,
@@ -47,8 +46,7 @@ RECIPES = {
     # survive depends on the sum of tau over a task against |g| ~ N(0, 1), and on kappa_max / lr
     # (tau against Adam's step): the sum matches X-TAIL's, so does the ratio (docs/tiny_world.md)
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
-                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000),
-}  # rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
+                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000)}  # rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
 # lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining
 RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 _SAME_SIZES = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000),  # as torchvision's
@@ -61,8 +59,7 @@ SIZES = {  # (classes, train images, test images) of the real data in each layou
     "coop": {"aircraft": (100, 3334, 3333), "caltech101": (100, 4128, 2465),  # CoOp's Table 1
              "dtd": (47, 2820, 1692), "eurosat": (10, 13500, 8100), "flowers": (102, 4093, 2463),
              "food": (101, 50500, 30300), "pets": (37, 2944, 3669), "cars": (196, 6509, 8041),
-             "sun397": (397, 15880, 19850), **_SAME_SIZES},
-}
+             "sun397": (397, 15880, 19850), **_SAME_SIZES}}
 HOLDOUT = ("cifar100", "places365", "imagenet")  # paper Table 4: never trained, evaluated only
 ASSETS, _HELD_OUT = (json.loads((Path(__file__).parent / "assets" / f).read_text())
                      for f in ("classnames_templates.json", "holdout.json"))
@@ -407,8 +404,7 @@ _SAME_LAYOUT = {  # CIFAR100 and MNIST as torchvision has them; Table 4's held-o
     "mnist": (("MNIST/raw",), tuple(f"{split}-{part}-ubyte" for split in ("train", "t10k")
                                     for part in ("images-idx3", "labels-idx1")), _mnist),
     "places365": (("places365",), ("categories_places365.txt", "places365_val.txt"), _places365),
-    "imagenet": (("imagenet",), ("val",), _imagenet),
-}
+    "imagenet": (("imagenet",), ("val",), _imagenet)}
 LAYOUTS = {
     "torchvision": {  # the folders torchvision 0.29's dataset classes create under their root
         "aircraft": (("fgvc-aircraft-2013b/data",), _AIRCRAFT, _aircraft),
@@ -422,8 +418,7 @@ LAYOUTS = {
         "cars": (("stanford_cars",), ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
                                       "cars_test_annos_withlabels.mat", "cars_train", "cars_test"),
                  _cars),
-        "sun397": (("SUN397",), ("ClassName.txt",), _sun397), **_SAME_LAYOUT,
-    },
+        "sun397": (("SUN397",), ("ClassName.txt",), _sun397), **_SAME_LAYOUT},
     "coop": {  # CoOp's DATASETS.md
         "aircraft": (("fgvc_aircraft", "fgvc-aircraft-2013b/data"), _AIRCRAFT, _aircraft),
         "caltech101": _coop(("caltech-101", "caltech101"), "Caltech101", "101_ObjectCategories"),
@@ -434,9 +429,7 @@ LAYOUTS = {
         "pets": _coop(("oxford_pets", "oxford-iiit-pet"), "OxfordPets", "images"),
         # its paths start with cars_{train,test}/
         "cars": _coop(("stanford_cars",), "StanfordCars", "", ("cars_train", "cars_test")),
-        "sun397": _coop(("sun397",), "SUN397", "SUN397"), **_SAME_LAYOUT,
-    },
-}
+        "sun397": _coop(("sun397",), "SUN397", "SUN397"), **_SAME_LAYOUT}}
 _TORCHVISION_CLASS = {"aircraft": "FGVCAircraft", "caltech101": "Caltech101", "dtd": "DTD",
                       "cifar100": "CIFAR100", "eurosat": "EuroSAT", "flowers": "Flowers102", "food":
                       "Food101", "mnist": "MNIST", "pets": "OxfordIIITPet", "sun397": "SUN397"}

@@ -68,7 +68,6 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
                 os.link(pool[k % len(pool)], path)
             except OSError:
                 shutil.copyfile(pool[k % len(pool)], path)
-
     if name == "mnist":  # idx files: 0, 0, 0x08 (uint8), ndim, big-endian sizes, data
         for s, prefix in (("train", "train"), ("test", "t10k")):
             for part, array in (("labels-idx1", np.array([c for _, c in split[s]], np.uint8)),

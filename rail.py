@@ -10,9 +10,8 @@ from L2-normalised image features x (d,); rows of earlier tasks are 0 in later c
     fusion:  p = softmax(zero-shot logits); q = (1 - beta) p + beta [s(x), 0...] where the top-1
              of p is a learned class, else q = p (beta 0.8); the prediction is argmax q
 
-RAIL updates its heads recursively (its Theorems 1, 2): the same joint solution as above, which
-here is solved by Cholesky in float64 from the primal's sums Phi^T Phi, Phi^T Y or the dual's bank.
-"""
+RAIL updates its heads recursively (its Theorems 1, 2): the same joint solution as above, which here
+is solved by Cholesky in float64 from the primal's sums Phi^T Phi, Phi^T Y or the dual's bank."""
 import math
 import sys
 

@@ -9,8 +9,7 @@ in a `state` (new_state) that the checkpoint carries.
              domain with the lowest reconstruction error among those whose threshold accepts x
 
 The paper gives no details of its "domain-wise auto-encoders"; ours follow MoE-Adapters' DDAS (one
-small auto-encoder per task on frozen CLIP image features, reconstruction error picks the task).
-"""
+small auto-encoder per task on frozen CLIP image features, reconstruction error picks the task)."""
 import torch
 import torch.nn as nn
 
@@ -21,8 +20,7 @@ ROUTERS = {"ae": "the domain-wise auto-encoders",  # train.py --routing, as its 
 
 
 @torch.no_grad()
-def errors(ae, features):
-    """(N,) squared reconstruction error of every row of (N, E) features."""
+def errors(ae, features):  # (N,) squared reconstruction error of every row of (N, E) features
     return (ae(features) - features).pow(2).sum(-1)
 
 
@@ -34,9 +32,8 @@ def fit(features, steps=AE["steps"], lr=AE["lr"]):
     ae = nn.Sequential(nn.Linear(e, h), nn.ReLU(), nn.Linear(h, e)).to(features.device)
     optimizer = torch.optim.Adam(ae.parameters(), lr=lr)
     for _ in range(steps):
-        loss = (ae(features) - features).pow(2).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (ae(features) - features).pow(2).sum(-1).mean().backward()
         optimizer.step()
     return ae.eval(), float(errors(ae, features).max())
 

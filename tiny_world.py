@@ -364,9 +364,8 @@ def load(path, seed=0):
     """The tiny CLIP at path (fp32, eval mode); None if missing, unreadable or of another recipe."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["recipe"] != _recipe(seed):
-            return None
-        return clip_model.build_model(saved["state_dict"]).eval()  # fp16 values, in fp32
+        if saved["recipe"] == _recipe(seed):  # else None, as for a missing file
+            return clip_model.build_model(saved["state_dict"]).eval()  # fp16 values, in fp32
     except Exception:  # noqa: BLE001  missing, truncated or foreign: made again by the caller
         return None
 
