@@ -131,7 +131,6 @@ def train_step(m, amp, full):
     opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5,
                             betas=(0.9, 0.9999))
     labels = torch.randint(0, C, (B,), device=device)
-
     def step():
         with autocast(enabled=amp), full_text(m, full):
             img = F.normalize(m.encode_image(clip_model.normalize(pixels)).float(), dim=-1)

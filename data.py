@@ -46,8 +46,9 @@ RECIPES = {
     # survive depends on the sum of tau over a task against |g| ~ N(0, 1), and on kappa_max / lr
     # (tau against Adam's step): the sum matches X-TAIL's, so does the ratio (docs/tiny_world.md)
     "tiny": dict(shots=16, dense_ratio=0.5, iterations=200, batch_size=32, lr=1.25e-3,
-                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000)}  # rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
-# lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining
+                 lr_full=1e-4, kappa_max=0.0125, rail_width=2000)}
+# lr_full: ZSCL's rate for full fine-tuning (5e-4 wrecks CLIP); tiny's: a tenth of its pretraining;
+# rail_width: RAIL-Primal's D, RAIL's 15000 for 512-d features (~30 d); tiny's 64-d likewise
 RECIPES["folders"] = RECIPES["xtail"]  # your own tasks (docs/own_tasks.md): X-TAIL's recipe
 _SAME_SIZES = {"cifar100": (100, 50000, 10000), "mnist": (10, 60000, 10000),  # as torchvision's
                "places365": (365, None, 36500), "imagenet": (1000, None, 50000)}  # val sets only
@@ -287,11 +288,9 @@ def _cifar100(folder):
                                       ("numpy._core.multiarray", "_reconstruct")}:
                 raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a CIFAR file")
             return super().find_class(module, name)
-
     def load(name):
         with open(folder / name, "rb") as f:
             return ArraysOnly(f, encoding="latin1").load()
-
     def read(split):
         entry = load(split)
         images = np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -382,7 +381,6 @@ def _imagenet(folder):  # torchvision ImageNet(split="val"): val/<wnid>/*.JPEG, 
 def _coop(folders, dataset, image_dir, needs=()):
     """A CoOp entry of LAYOUTS: folders (CoOp's name first), what one must hold, the reader."""
     split_file = f"split_zhou_{dataset}.json"
-
     def read(folder):  # {"train"|"val"|"test": [[relpath, label, classname], ...]}
         try:
             split = json.loads((folder / split_file).read_text())
@@ -469,7 +467,6 @@ def load_tasks(benchmark, data_dir, shots=None, seed=0, datasets=None, download=
     cfg = BENCHMARKS[benchmark]
     layout, names = layout or cfg["layout"], list(datasets or cfg["datasets"])
     data_dir = Path(data_dir).expanduser()
-
     def find(name):  # the first folder that has everything, else None
         where, needs, _ = LAYOUTS[layout][name]
         return next((data_dir / f for f in where
@@ -593,7 +590,6 @@ def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
     names = names or [n for n in found if n not in holdout]
     if not names:
         raise DataError(f"--holdout names every task folder of {data_dir}; leave one to learn")
-
     def read(name, shots):
         try:
             return _folder_task(data_dir / name, shots, seed)

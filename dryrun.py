@@ -54,11 +54,9 @@ def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)
     C, (dirs, needs, _) = len(folders), data.LAYOUTS[layout][name]
     d, split = root / dirs[0], {s: [(i, (-1 - i) % C) for i in range(n)] for s, n in counts.items()}
     pool = [root / ".pool" / f"{name}_{k}.jpg" for k in range(8)]
-
     def rows(pattern, *splits):  # pattern formatted for each image of those splits
         return [pattern.format(s=s, i=i, c=c + 1, f=folders[c])
                 for s in splits for i, c in split[s]]
-
     def images(paths):  # under d: hard links (a copy where the file system has none) to the pool
         for path in pool:
             path.exists() or jpeg(rng, pixels, path)

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -79,29 +80,24 @@ if any(map(os.path.exists, (results_path, ckpt_path))) and not (args.resume or a
     p.error(f"{args.out} holds another run: --resume continues it, --overwrite replaces it")
 if args.resume and not os.path.exists(ckpt_path):
     p.error(f"--resume: no checkpoint at {ckpt_path}")
-if args.resume and os.path.exists(results_path):  # a finished run's files stay as they are
-    with open(results_path) as f:
-        if "metrics" in json.load(f):
-            p.exit(0, f"the run in {args.out} is finished ({results_path}); nothing to do\n")
+if args.resume and os.path.exists(results_path) and "metrics" in json.loads(  # left as it is
+        pathlib.Path(results_path).read_text()):
+    p.exit(0, f"the run in {args.out} is finished ({results_path}); nothing to do\n")
 if args.plot and not analysis.can_plot():
-    print("--plot: matplotlib is not installed (pip install matplotlib): no figures")
-    args.plot = False
-
+    p.error("--plot needs matplotlib: pip install matplotlib")
 # --- data and model
 device = evaluation.pick_device(args.device, args.precision)
 autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 began = time.time()
 tasks, holdout, model = evaluation.load_setting(args, args.shots)  # all checked now, not at task 9
-widths = [min(m.weight.shape) for n, m in model.named_modules()
-          if isinstance(m, torch.nn.Linear) and placement(n)]
-if args.rank > min(widths):
-    p.error(f"--rank {args.rank} exceeds the narrowest adapted layer ({min(widths)})")
+if args.rank > (narrowest := min(min(m.weight.shape) for n, m in model.named_modules()
+                                 if isinstance(m, torch.nn.Linear) and placement(n))):
+    p.error(f"--rank {args.rank} exceeds the narrowest adapted layer ({narrowest})")
 lock = evaluation.claim(args.out)  # one run at a time in --out, for the life of this process
 pretrained = analysis.weights(model.to(device), placement)  # W_pre, for every task's drift
-# the auto-encoders read the pretrained image features: a frozen copy of the image tower, taken
-# before --resume loads later weights (ViT-B/16: 86M parameters, 344 MB in fp32)
+# the auto-encoders' pretrained image tower, copied before --resume loads (ViT-B/16: 344 MB fp32)
 frozen = copy.deepcopy(model.visual).requires_grad_(False).eval() if args.routing == "ae" else None
-union = args.eval_style == "union"  # X-TAIL: each image among all datasets' classes
+union, truth = args.eval_style == "union", [s.test.labels for s in tasks]  # union: X-TAIL's
 results = {"setting": args.setting, "datasets": [t.name for t in tasks], "args": vars(args),
            "tasks": [t.describe() for t in tasks], "classes": [len(t.classnames) for t in tasks],
            "acc": [], "analysis": [], "seconds": [], "setup_seconds": time.time() - began,
@@ -239,15 +235,14 @@ for t in range(len(results["acc"]), len(tasks)):
             torch.manual_seed(args.seed + 1000 * t + 1)  # the crops and the auto-encoder's init
             feats = evaluation.image_features(frozen, train_set, device, args.eval_batch_size, 0)[0]
         routing.add_domain(state, feats, test_features)  # feats: one crop of each image
-    routing.add_rows(results["routed"], state, t, [s.test.labels for s in tasks])
+    routing.add_rows(results["routed"], state, t, truth)
     began = lap(times, "routing", began)
-    if head:  # RAIL's head learns this task from one crop of each image, by the encoder of now
+    if head:  # RAIL's head learns this task (one crop an image, today's encoder); tests: fused
         torch.manual_seed(args.seed + 1000 * t + 2)  # the crops
         with autocast:
             train = evaluation.image_features(model.eval().encode_image, train_set, device,
                                               args.eval_batch_size, 0)
-        rail.add_row(results["rail"], head, train, keep, [s.test.labels for s in tasks], union,
-                     model.logit_scale.exp().item())  # then every test set through the fusion
+        rail.add_row(results["rail"], head, train, keep, truth, union, model.logit_scale.exp())
         began = lap(times, "rail", began)
     for key, value in (("acc", row), ("analysis", report), ("seconds", times)):
         results[key].append(value)
@@ -272,7 +267,6 @@ for t in range(len(results["acc"]), len(tasks)):
         print(analysis.format_report(report))
     if args.plot:
         analysis.plot(results, args.out)
-
 # --- report
 if holdout and "last" not in results["holdout"]:  # Table 4: after the whole sequence
     evaluate(results["holdout"], "last", holdout)
