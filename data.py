@@ -552,8 +552,8 @@ def _folder_task(folder, shots, seed):
                          f"{len(classes)}: write one name a line, in the folders' sorted order")
     names = names or [c.replace("_", " ").replace("-", " ") for c in classes]
     read = {}  # names as CLIP's tokenizer reads them: two classes of one prompt, one never chosen
-    for c, n in zip(classes, names):
-        if (twin := read.setdefault(" ".join(n.lower().split()), c)) != c:
+    for c, n, ids in zip(classes, names, clip_model.tokenize(names, truncate=True).tolist()):
+        if (twin := read.setdefault(tuple(ids), c)) != c:
             raise ValueError(f"the class folders {twin} and {c} of {folder} both read as {n!r}: "
                              "rename one, or its line in classnames.txt")
     templates = ["a photo of a {}."] if templates is None else templates
