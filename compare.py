@@ -9,7 +9,6 @@ interrupted one resumed: stop it at will. Each run's output goes to train.log in
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shlex
 import signal
@@ -69,7 +68,6 @@ for method, seed in [(m, s) for m in methods for s in seeds if "metrics" not in 
         *["--workers", share] * bool(args.devices), *args.extra]))  # a --workers there wins
 if args.commands:  # for a cluster's scheduler: docs/sweeps.md
     sys.exit(print(*(shlex.join(cmd) for *_, cmd in todo), sep="\n") if todo else None)
-
 # --- the runs, one a device at a time, each one's output in its train.log
 env = {"OMP_NUM_THREADS": share, **os.environ} if args.devices else None  # a set one wins
 running, failed = {}, 0  # process -> (run, command, log, device)
@@ -178,7 +176,6 @@ for j, name in enumerate(held.get("datasets", [])):  # never trained
             for m in methods]
     zero = f"{held['zero_shot'][j]:.1f}" if "zero_shot" in held else "-"
     print(f"{name[:9]:<10}{zero:>10}" + "".join(f"{c:>22}" for c in line))
-
 # --- the operating point: this run's statistics beside the paper's on X-TAIL (ViT-B/16): Table 1
 # and the authors' project page; the ratios are what a miniature can hope to match
 PAPER = {"ranks": 8.3, "update": {"codyra": 3.22, "lora": 7.44},
@@ -193,7 +190,7 @@ for key, fn, tasks in (("update", lambda a: a["update"]["total"], True),
     stats.append((f"{label}, codyra / lora", ratio([PAPER[key]["codyra"]], [PAPER[key]["lora"]]),
                   ratio(*(per_seed(m, fn, tasks) for m in ("codyra", "lora")))))
 stats += [(f"per-task ||dW||_F / ||W_pre||_F (%), {m}", "-", mean_std(per_seed(
-    m, lambda a: 100 * (a["update"].get("relative") or math.nan), True))) for m in methods]
+    m, lambda a: 100 * (a["update"].get("relative") or float("nan")), True))) for m in methods]
 for key, method in [(k, m) for k in ("transfer", "last") for m in methods if "zero_shot" in first]:
     zero, paper = first["zero_shot_metrics"][key]["mean"], PAPER[key].get(method)
     here = None if zero is None else [r["metrics"][key]["mean"] - zero for r in runs[method]]
