@@ -8,8 +8,7 @@ run before reading any: a missing one is reported in one line before training, n
 Which image lands where (SPEC section 3): caltech101, eurosat and sun397 have no official test set
 in torchvision's layout; as ZSCL, random_split 80/20 with seed 42 over torchvision's order (class
 folders and files sorted; sun397 by path: file-system order is not portable). Few-shot: k indices
-per class (with replacement only when a class has fewer), seeded by (seed, crc32 of the name) only.
-"""
+per class (with replacement if a class has fewer), seeded by (seed, crc32 of the name) only."""
 import hashlib
 import json
 import os
@@ -103,8 +102,7 @@ class Task:
     test: "ImageSet"
     split: dict = field(default_factory=dict)  # your own tasks: how they were split
 
-    def describe(self):
-        """What results.json records of a task (train: the few-shot set's size)."""
+    def describe(self):  # what results.json records of a task (train: the few-shot set's size)
         return {"name": self.name, "classnames": list(self.classnames),
                 "templates": list(self.templates), "test": len(self.test),
                 "train": None if self.train is None else len(self.train), **self.split}
