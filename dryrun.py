@@ -38,19 +38,17 @@ def jpeg(rng, size, path):
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def write(path, content):
-    """bytes, text or a list of lines into path, its folders made."""
+def write(path, content):  # bytes, text or a list of lines into path, its folders made
     path.parent.mkdir(parents=True, exist_ok=True)
     content = "".join(row + "\n" for row in content) if isinstance(content, list) else content
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
 def write_dataset(root, layout, name, folders, names, counts, rng, pixels=(8, 8)):
-    """One dataset under root, in `layout` as data.LAYOUTS reads it. folders: its classes' names
-    on disk; names: the same in CoOp's split files; counts: {"train": n, "test": n} images. Image
-    i of a split has class (-1 - i) % C: files list the classes out of label order. NOTE: image
-    files are hard links to a pool of 8 JPEGs of `pixels` (w, h) in root/.pool: to corrupt one,
-    unlink it first."""
+    """One dataset under root, in `layout` as data.LAYOUTS reads it. folders: its classes' names on
+    disk; names: the same in CoOp's split files; counts: {"train": n, "test": n} images. Image i of
+    a split has class (-1 - i) % C: files list the classes out of label order. NOTE: image files are
+    hard links to a pool of JPEGs (size `pixels`) in root/.pool: to corrupt one, unlink it first."""
     C, (dirs, needs, _) = len(folders), data.LAYOUTS[layout][name]
     d, split = root / dirs[0], {s: [(i, (-1 - i) % C) for i in range(n)] for s, n in counts.items()}
     pool = [root / ".pool" / f"{name}_{k}.jpg" for k in range(8)]
@@ -138,8 +136,7 @@ def sizes(sequence, scale):
 
 def class_names(name, C):
     """(folder names, names) of a dataset's classes: the real ones where the assets list them."""
-    # SUN397's classes sit in a folder per initial ("a/abbey")
-    entry, generic = data.ASSETS["mtil"].get(name, {}), [
+    entry, generic = data.ASSETS["mtil"].get(name, {}), [  # SUN397's: a folder per initial
         f"{'s/' * (name == 'sun397')}{name}_{c:03d}" for c in range(C)]
     return entry.get("folders", generic)[:C], entry.get("classnames", generic)[:C]
 
@@ -193,7 +190,6 @@ def main(args, device, size, config):
     shutil.rmtree(home / "eval-cache", ignore_errors=True)  # so that the build is timed each time
     _, *cache = clock(lambda: data.prepare(tasks, config["image_resolution"],
                                            str(home / "eval-cache"), args.workers), cuda, True)
-    # train.py itself, its output in a log
     cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--setting", args.sequence,
            "--data-dir", str(home / "data"), "--model", str(weights), "--out", str(out),
            "--iterations", str(iterations), "--cache-dir", str(home / "eval-cache"),
