@@ -75,13 +75,12 @@ def amplification(W0, U, S, Vh, r):
 
 
 @torch.no_grad()
-def adapter_update(m, r=None):
-    """weight_update's measures of a CoDyRALinear, from its active ranks, in fp64."""
+def adapter_update(m):  # weight_update's measures of a CoDyRALinear, from its active ranks, in fp64
     keep = m.lora_g != 0
     if not keep.any():
         return {"norm": 0.0, "rank": 0, "r": 0, "amp": None}
     svd = low_rank_svd((m.lora_B[:, keep] * m.lora_g[keep]).double(), m.lora_A[keep].double())
-    return weight_update(m.base.weight.double(), None, r, svd, m.lora_A.dtype)
+    return weight_update(m.base.weight.double(), None, svd=svd, dtype=m.lora_A.dtype)
 
 
 @torch.no_grad()
