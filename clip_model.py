@@ -49,8 +49,7 @@ class Tokenizer:
         self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                      r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
-    def bpe(self, word):
-        """ids of one pre-token (already byte-mapped); `</w>` marks the end of the word."""
+    def bpe(self, word):  # ids of one pre-token (already byte-mapped); `</w>` marks its end
         if word not in self.cache:
             parts = list(word[:-1]) + [word[-1] + "</w>"]
             while len(parts) > 1:
@@ -66,8 +65,7 @@ class Tokenizer:
         return self.cache[word]
 
     @functools.cache  # evaluation tokenizes every class prompt again after every task
-    def encode(self, text):
-        """ids of a text, without start and end tokens."""
+    def encode(self, text):  # ids of a text, without start and end tokens
         text = html.unescape(html.unescape(ftfy.fix_text(text)))  # some are escaped twice
         text = regex.sub(r"\s+", " ", text).strip().lower()
         return [i for word in self.pattern.findall(text)
@@ -239,8 +237,7 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x))
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (N, E)
 
-    def forward(self, images, tokens):
-        """image-to-text logits (B, N): exp(logit_scale) * cosine similarity."""
+    def forward(self, images, tokens):  # (B, N) image-to-text logits: exp(logit_scale) * cosine
         image_features = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)  # (N, E)
         return self.logit_scale.exp() * image_features @ text_features.T
@@ -280,8 +277,7 @@ class CLIPLoadError(Exception):
     """Weights could not be loaded; the message is one line that says what to do."""
 
 
-def unpacked(sd):
-    """OpenAI's (and open_clip's) keys -> ours: their attention packs rows [q; k; v] in one."""
+def unpacked(sd):  # OpenAI's and open_clip's keys -> ours: their attention packs [q; k; v] in one
     sd = dict(sd)
     for key in [k for k in sd if ".attn.in_proj_" in k]:
         prefix, kind = key.split(".in_proj_")
@@ -290,8 +286,7 @@ def unpacked(sd):
     return sd
 
 
-def packed(sd):
-    """Ours -> OpenAI's keys, the inverse of unpacked."""
+def packed(sd):  # ours -> OpenAI's keys, the inverse of unpacked
     sd = dict(sd)
     for key in [k for k in sd if ".attn.q_proj." in k]:
         prefix, kind = key.split(".q_proj.")
