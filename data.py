@@ -194,8 +194,7 @@ class CachedImages(torch.utils.data.Dataset):
             yield (x.pin_memory() if pin else x), torch.tensor(self.labels[i:i + batch_size])
 
 
-def split_80_20(paths, labels):
-    """ZSCL's split of a dataset without a test set: (train ImageSet, test ImageSet)."""
+def split_80_20(paths, labels):  # ZSCL's split of a dataset without a test set: (train, test)
     perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(42)).tolist()
     full, cut = ImageSet(paths, labels), int(0.8 * len(paths))
     return full.subset(perm[:cut]), full.subset(perm[cut:])
@@ -211,8 +210,7 @@ def few_shot(labels, k, seed, name):
     return sorted(picked)
 
 
-def union_offsets(tasks):
-    """X-TAIL: each task's first label in the union of all tasks' classes, in task order."""
+def union_offsets(tasks):  # X-TAIL: each task's first label in the union of all tasks' classes
     return [sum(len(t.classnames) for t in tasks[:i]) for i in range(len(tasks))]
 
 

@@ -203,8 +203,7 @@ def load_setting(args, shots=None):
     return tasks, holdout, model
 
 
-def claim(out):
-    """Make and lock the output folder while this process lives: a second run into it stops."""
+def claim(out):  # make and lock `out` while this process lives: a second run into it stops
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")
@@ -217,8 +216,7 @@ def claim(out):
     return lock  # held until the process ends
 
 
-def environment(device):
-    """Where a run ran: versions, the device, the project's git commit when there is one."""
+def environment(device):  # where a run ran: versions, the device, the project's git commit if any
     git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
                           "--short", "HEAD"], text=True, capture_output=True)
     return {"torch": str(torch.__version__), "python": platform.python_version(),
