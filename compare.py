@@ -163,7 +163,6 @@ for name in (n for n in routers if n != "oracle"):  # how often the router was r
     print(f"{name} routing, all runs: seen domains routed right "
           f"{mean_std([x['seen'] for x in summaries])} %, unseen ones recognised "
           f"{mean_std([x['unseen'] for x in summaries if x['unseen'] is not None])} %")
-
 print("\nper dataset: zero-shot, then each method's accuracy right after learning it -> at the end")
 print(f"{'':<10}{'zero-shot':>10}" + "".join(f"{m:>22}" for m in methods))
 for j, name in enumerate(first["datasets"]):
@@ -200,7 +199,6 @@ print(f"\noperating point: the paper (X-TAIL, ViT-B/16) and this comparison ({ar
       f"seeds {args.seeds})")
 for label, paper, here in [("", "paper", "here")] + stats:
     print(f"{label:<44}{paper:>22}{here:>22}")
-
 if args.plot:  # one panel per domain: its accuracy after every task, each method's band of seeds
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")  # files only, no display needed
