@@ -104,8 +104,7 @@ def preprocess(train, resolution=224):
     return transforms.Compose(crop + [to_rgb, transforms.PILToTensor()])
 
 
-def normalize(images):
-    """(B, 3, R, R) uint8 -> float: the arithmetic of torchvision's ToTensor + Normalize."""
+def normalize(images):  # (B, 3, R, R) uint8 -> float, as torchvision's ToTensor + Normalize do it
     mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (MEAN, STD))
     return images.float().div(255).sub(mean).div(std)
 
@@ -295,8 +294,7 @@ def packed(sd):  # ours -> OpenAI's keys, the inverse of unpacked
     return sd
 
 
-def shapes(sd):
-    """CLIP's arguments read off a state dict in our keys (GELU if it holds `uses_gelu`)."""
+def shapes(sd):  # CLIP's arguments read off a state dict in our keys (GELU if it holds `uses_gelu`)
     def blocks(prefix):  # how many residual blocks sd has under prefix
         return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
     width, _, patch, _ = sd["visual.conv1.weight"].shape

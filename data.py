@@ -200,8 +200,7 @@ def split_80_20(paths, labels):  # ZSCL's split of a dataset without a test set:
     return full.subset(perm[:cut]), full.subset(perm[cut:])
 
 
-def few_shot(labels, k, seed, name):
-    """Indices of k examples per class, seeded by (seed, name) only; sorted."""
+def few_shot(labels, k, seed, name):  # k indices per class, seeded by (seed, name) only; sorted
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # hash() is salted per process
     labels, picked = np.asarray(labels), []
     for c in np.unique(labels):

@@ -61,9 +61,7 @@ class _Head:
                  torch.float64)) for x, y, n in self.added[first:]]
 
 
-class Primal(_Head):
-    """Ridge regression on a fixed random ReLU expansion of width D (RAIL's primal form)."""
-
+class Primal(_Head):  # ridge regression on a fixed random ReLU expansion of width D (RAIL's primal)
     def __init__(self, dim, width=15000, lam=0.1, seed=0, device=None):
         super().__init__(device, width=width, lam=lam)
         # nn.Linear's default init, as RAIL's code, from a generator of its own: W follows the seed
@@ -87,9 +85,7 @@ class Primal(_Head):
         return self.phi(x) @ self.solution
 
 
-class Dual(_Head):
-    """Kernel ridge regression, a Gaussian kernel on the features (RAIL's dual form)."""
-
+class Dual(_Head):  # kernel ridge regression, a Gaussian kernel on the features (RAIL's dual form)
     def __init__(self, gamma=0.1, lam=1e-3, device=None):
         super().__init__(device, gamma=gamma, lam=lam)
         self.gamma, self.lam = gamma, lam

@@ -75,8 +75,7 @@ def shape_mask(shape, cx, cy, radius, angle=0.0):
     raise ValueError(shape)
 
 
-def pattern(kind, period, angle, phase):
-    """A full-image pattern (one of PATTERNS); period in pixels."""
+def pattern(kind, period, angle, phase):  # a full-image pattern (one of PATTERNS); period in pixels
     c, s = np.cos(angle), np.sin(angle)
     y, x = _PIXEL_CENTRES
     u, v = (c * x + s * y) / period + phase, (-s * x + c * y) / period + phase
