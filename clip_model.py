@@ -27,8 +27,7 @@ BPE_PATH = os.path.abspath(os.path.join(__file__, "..", "assets", "bpe_simple_vo
 
 
 # --- tokenizer: byte-level BPE, identical ids to OpenAI's (SPEC section 2)
-class Tokenizer:
-    """Text -> BPE ids: clean, split into words, map bytes to characters, merge pairs by rank."""
+class Tokenizer:  # text -> BPE ids: clean, split into words, map bytes to characters, merge by rank
     SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
     def __init__(self, bpe_path=BPE_PATH):
