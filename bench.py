@@ -34,6 +34,7 @@ import codyra
 import data
 import dryrun
 import eval as evaluation
+import loop
 
 SIZES = {**clip_model.CONFIGS, "micro": {  # one block per tower, 64 wide: for the dry run's test
     **clip_model.CONFIGS["tiny"], "embed_dim": 64, "vision_layers": 1, "vision_width": 64,
@@ -135,7 +136,7 @@ def train_step(m, amp, full):
         with autocast(enabled=amp), full_text(m, full):
             img = F.normalize(m.encode_image(clip_model.normalize(pixels)).float(), dim=-1)
             txt = F.normalize(m.encode_text(tokens).float(), dim=-1)
-        loss = clip_model.contrastive_loss(img, txt, labels, m.logit_scale.exp())
+        loss = loop.contrastive_loss(img, txt, labels, m.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

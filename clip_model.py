@@ -241,18 +241,6 @@ class CLIP(nn.Module):
         return self.logit_scale.exp() * image_features @ text_features.T
 
 
-def contrastive_loss(img, txt, labels, scale, earlier=None):
-    """The released code's training loss, ce_i + ce_t. img (B, E), txt (C, E): normalised features
-    of a batch and of the current task's class prompts; labels (B,) in 0..C-1. ce_i: each image vs
-    the current classes. ce_t: each class prompt, the earlier tasks' (P, E) first, vs the images,
-    its images the targets (unnormalised); a class absent from the batch counts in the mean too."""
-    earlier = txt[:0] if earlier is None else earlier                    # (P, E)
-    ce_i = F.cross_entropy(scale * img @ txt.T, labels)                 # image -> current classes
-    classes = torch.cat([earlier, txt])                                 # (P + C, E)
-    targets = F.one_hot(labels + len(earlier), len(classes)).T.float()  # (P + C, B)
-    return ce_i + F.cross_entropy(scale * classes @ img.T, targets)     # + class -> its images
-
-
 # --- named configurations, building from a state dict, loading OpenAI's weights
 CONFIGS = {  # ViT-B/16: 149,620,737 parameters; tiny: the tiny world's CLIP, 32 px images
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,

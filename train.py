@@ -2,7 +2,6 @@
 surviving ranks into the weights, evaluate on every dataset, print the paper's tables.
 `python train.py`: the offline tiny world (CPU, minutes); the paper's runs: README.md, --help."""
 import copy
-import itertools
 import json
 import math
 import os
@@ -12,13 +11,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import analysis
 import clip_model
 import codyra
 import data
 import eval as evaluation
+import loop
 import rail
 import routing
 
@@ -159,7 +158,7 @@ def learn(t, task, train_set, times):
     """One task (SPEC section 1): inject fresh adapters, train, merge; (report, factors)."""
     began = time.time()
     with autocast:  # the earlier classes' prompts, fixed during this task (no gradient)
-        earlier_text = torch.cat([evaluation.class_features(
+        earlier = torch.cat([evaluation.class_features(
             model, s.classnames, s.templates[:1], device) for s in tasks[:t]]) if t else None
     began = lap(times, "text", began)
     torch.manual_seed(args.seed + 1000 * t)
@@ -168,31 +167,8 @@ def learn(t, task, train_set, times):
     else:
         codyra.inject(model, args.rank, where=placement)
     start = analysis.snapshot(model, placement)  # which ranks survive depends on |g| at init
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,
-                                  betas=(0.9, 0.9999), eps=1e-8, weight_decay=args.weight_decay)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / args.iterations)))
-    # the current classes' prompts go through the text encoder WITH gradients: its adapters learn
-    tokens = clip_model.tokenize([task.templates[0].format(c) for c in task.classnames]).to(device)
-    shuffle = torch.Generator().manual_seed(args.seed + 1000 * t)  # the order: (seed, task) alone
-    stream = itertools.chain.from_iterable(itertools.repeat(  # endless shuffled batches
-        train_set.batches(args.batch_size, args.workers, device.type == "cuda", shuffle=shuffle)))
-    model.train()
-    stepping, tau = time.time(), 0.0
-    for it in range(args.iterations):
-        images, labels = (x.to(device, non_blocking=True) for x in next(stream))
-        images = clip_model.normalize(images)  # (B, 3, R, R)
-        with autocast:
-            img = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, E)
-            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)   # (C, E)
-        loss = clip_model.contrastive_loss(img, txt, labels, model.logit_scale.exp(), earlier_text)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        cosine.step()
-        if args.method == "codyra":  # Eq. 7: proximal step on every g, right after the optimizer
-            tau = codyra.threshold_schedule(it, args.iterations, args.dense_ratio, args.kappa_max)
-            codyra.proximal_step(model, tau)
+    stepping = time.time()
+    for it, loss, tau in loop.steps(model, task, train_set, args, t, earlier, device, autocast):
         if (it + 1) % max(1, args.iterations // 5) == 0:  # five progress lines per task
             ranks, seconds = codyra.rank_stats(model), time.time() - stepping
             rank = f"ranks {sum(ranks.values()) / len(ranks):.1f}/{args.rank} | " if ranks else ""

@@ -15,6 +15,7 @@ import torch
 import clip_model
 import data
 import eval as evaluation
+import loop
 import tiny_world
 from conftest import CACHE, ROOT, run_script
 from test_data import write_fake_layout
@@ -304,14 +305,14 @@ def test_a_bad_value_names_its_flag_alone(flag, value, tmp_path):
 
 def interrupt_at_step(monkeypatch, step):
     """Make the `step`-th loss of a run (1 = the first task's first) come with a Ctrl-C."""
-    calls, loss = [], clip_model.contrastive_loss
+    calls, loss = [], loop.contrastive_loss
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == step:
             os.kill(os.getpid(), signal.SIGINT)
         return loss(*args, **kwargs)
-    monkeypatch.setattr(clip_model, "contrastive_loss", interrupted)
+    monkeypatch.setattr(loop, "contrastive_loss", interrupted)
 
 
 ONE = [*FAST, "--datasets", "shapes", "--holdout", "none", "--routing", "none", "--no-zero-shot"]

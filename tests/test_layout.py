@@ -14,9 +14,10 @@ ALLOWED = {  # file -> the project files it may import
     "tiny_world": {"clip_model", "data"},
     "eval": {"clip_model", "data", "tiny_world"},
     "analysis": {"codyra", "clip_model"},
-    "train": {"codyra", "clip_model", "data", "eval", "analysis", "routing", "rail"},
+    "loop": {"codyra", "clip_model"},
+    "train": {"codyra", "clip_model", "data", "eval", "analysis", "loop", "routing", "rail"},
     "dryrun": {"clip_model", "data", "eval"},
-    "bench": {"codyra", "clip_model", "data", "dryrun", "eval", "tiny_world", "analysis"},
+    "bench": {"codyra", "clip_model", "data", "dryrun", "eval", "loop", "tiny_world", "analysis"},
     "compare": {"codyra", "clip_model", "data", "eval", "tiny_world", "analysis"},
 }
 
