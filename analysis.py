@@ -225,15 +225,17 @@ def can_plot():  # matplotlib installed?
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def plot(results, out):
-    """Write accuracy.png, ranks.png (with adapters) and drift.png into `out`; returns the paths."""
-    import matplotlib.pyplot as plt
+def plot(results, out=None):
+    """A run's figures, {file name: matplotlib Figure}: accuracy.png, ranks.png (with adapters) and
+    drift.png, written into `out` if given. No pyplot: no window, no backend, nothing to close."""
+    from matplotlib.figure import Figure
     import numpy as np
-    plt.switch_backend("Agg")  # files only, no display needed
     names, acc, reports = results["datasets"], np.array(results["acc"]), results["analysis"]
     done, figs = [f"{t + 1} {names[t]}" for t in range(len(acc))], {}
+    def new(name, size, *grid, **kw):  # the axes of a new figure, kept in figs
+        return figs.setdefault(name, Figure(figsize=size)).subplots(*grid, **kw)
     # accuracy matrix: row t = evaluation after task t, column j = dataset j
-    figs["accuracy.png"], ax = plt.subplots(figsize=(1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
+    ax = new("accuracy.png", (1.5 + 0.7 * len(names), 1.2 + 0.5 * len(acc)))
     im = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for (t, j), a in np.ndenumerate(acc):
         ax.text(j, t, f"{a:.0f}", ha="center", va="center", size=8, color="w" if a < 60 else "k")
@@ -244,8 +246,8 @@ def plot(results, out):
     # rank allocation: one panel per encoder (rows) and task (columns), module type x layer
     if reports and reports[0]["ranks"]:
         encoders, top = list(reports[0]["ranks"]["grid"]), reports[0]["ranks"]["of"]
-        figs["ranks.png"], axes = plt.subplots(len(encoders), len(reports), squeeze=False, figsize=(
-            1.0 + 1.9 * len(reports), 0.6 + 1.9 * len(encoders)))
+        axes = new("ranks.png", (1.0 + 1.9 * len(reports), 0.6 + 1.9 * len(encoders)),
+                   len(encoders), len(reports), squeeze=False)
         for i, t in np.ndindex(axes.shape):
             cells = np.array(reports[t]["ranks"]["grid"][encoders[i]], dtype=float).T
             ax, layers = axes[i, t], range(cells.shape[1])  # cells (types, layers), None -> nan
@@ -256,7 +258,7 @@ def plot(results, out):
             ax.set(ylabel=encoders[i] if t == 0 else "", xlabel="layer" * (i == len(encoders) - 1))
         figs["ranks.png"].colorbar(im, ax=axes, label=f"active ranks (of {top})")
     # drift from the pretrained weights after each task, and each task's own update
-    figs["drift.png"], (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left, right = new("drift.png", (11, 3.8), 1, 2)
     x, rel = range(1, len(reports) + 1), [rep["drift"]["relative"] for rep in reports]
     for e, t in [(e, t) for e in ENCODERS for t in TYPES if t in rel[0].get(e, {})]:
         left.plot(x, [100 * r[e][t] for r in rel], "--" if e == "text" else "-",
@@ -272,10 +274,9 @@ def plot(results, out):
     for ax, title in ((left, "drift from the pretrained weights"), (right, "each task's update")):
         ax.set_xticks(list(x), done, rotation=45, ha="right")
         ax.set(xlabel="after task", title=title)
-    for name, fig in figs.items():
+    for name, fig in figs.items() if out else ():
         fig.savefig(f"{out}/{name}", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return [f"{out}/{name}" for name in figs]
+    return figs
 
 
 def main():
