@@ -246,8 +246,7 @@ def write_json(path, obj):
 
 # --- zero-shot (or any checkpoint's) accuracy: one row
 def main():
-    p, groups = parser("Evaluate CLIP (zero-shot, or a checkpoint of this project) on every "
-                       "dataset of a setting.")
+    p, groups = parser("Evaluate CLIP (zero-shot, or a checkpoint) on every dataset of a setting.")
     groups["model"].add_argument("--export", nargs=2, metavar=("FORMAT", "FOLDER"), help="instead:"
                                  " write --model as a folder that transformers (FORMAT hf) or "
                                  "open_clip reads; over another model: with --overwrite")
@@ -259,6 +258,7 @@ def main():
             p.error(f"--export {fmt}: expected {' or '.join(clip_model.FILES)}")
         if there and not args.overwrite:  # another model's, or an earlier export's
             p.error(f"--export {fmt} {folder} holds {there[0]}; pass --overwrite to replace it")
+        made = not os.path.isdir(folder)  # then removed again if no model comes to fill it
         try:  # '', a file, no permission: said before the weights load
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -268,6 +268,8 @@ def main():
                      clip_model.load(args.model or "ViT-B/16"))
             return print(f"wrote {clip_model.export(model, folder, fmt)}")
         except (clip_model.CLIPLoadError, OSError) as e:
+            if made and not os.listdir(folder):
+                os.rmdir(folder)
             sys.exit(f"error: {e}")
     check_arguments(p, args, "zeroshot")
     results_path = os.path.join(args.out, "results.json")

@@ -57,6 +57,8 @@ group.add_argument("--resume", action="store_true", help="continue the run in --
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
 evaluation.check_arguments(p, args, args.method)
+if args.rail_width is not None and args.head != "rail-primal":  # RAIL-Dual has no width
+    p.error(f"--rail-width {args.rail_width}: only --head rail-primal has a width")
 recipe = data.RECIPES[args.setting]  # where no flag is given; --method full: its lr_full
 for key in ("shots", "dense_ratio", "iterations", "batch_size", "lr", "kappa_max", "rail_width"):
     if getattr(args, key) is None:

@@ -187,6 +187,18 @@ def test_eval_export_writes_the_checkpoint(small_weights, tmp_path, monkeypatch,
         evaluation.main()
     assert "--export onnx: expected hf or open_clip" in capsys.readouterr().err
 
+
+def test_eval_export_of_a_missing_model_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """--export with a --model that cannot load: one line, and the folder it made is gone (one
+    that was there before stays)."""
+    (tmp_path / "there").mkdir()
+    for folder in ("new", "there"):
+        monkeypatch.setattr(sys, "argv", ["eval.py", "--model", str(tmp_path / "missing.pt"),
+                                          "--export", "hf", str(tmp_path / folder)])
+        with pytest.raises(SystemExit, match="missing.pt"):
+            evaluation.main()
+    assert os.listdir(tmp_path) == ["there"]
+
 # -----------------------------------------------------------------------------
 # the shipped tiny CLIP
 

@@ -188,7 +188,9 @@ def test_tiny_world_script_refuses_what_it_does_not_know():
     (["--weight-decay", "-1"], ["--weight-decay"]), (["--weight-decay", "nan"], ["--weight-decay"]),
     (["--seed", "-1"], ["--seed"]), (["--device", "gpu0"], ["--device gpu0"]),
     (["--device", "cuda"], ["no CUDA"]), (["--rank", "100000"], ["--rank 100000"]),
-    (["--out", "/proc/codyra-out"], ["cannot write"])])
+    (["--out", "/proc/codyra-out"], ["cannot write"]),
+    (["--head", "rail-dual", "--rail-width", "64"], ["--rail-width 64", "rail-primal"]),
+    (["--rail-width", "64"], ["--rail-width 64", "rail-primal"])])
 def test_refused_flags_give_one_line(flags, words, small_weights, tmp_path):
     """Impossible values stop the run with one line (no usage block, no traceback)."""
     if flags == ["--device", "cuda"] and torch.cuda.is_available():

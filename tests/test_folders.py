@@ -131,16 +131,22 @@ def _test_class_not_in_train(root):
     return root / "alpha" / "test" / "zebra"
 
 
+def _class_beside_the_splits(root):  # would be neither trained nor tested
+    write_image(root / "alpha" / "zebra" / "0.png", 0, 0)
+    return root / "alpha" / "zebra"
+
+
 def _unreadable_image(root):
     (root / "alpha" / "test" / "red_square" / "1.png").write_bytes(b"\x89PNG not really")
     return root / "alpha" / "test" / "red_square" / "1.png"
 
 
 @pytest.mark.parametrize("fault", [_no_test_split, _empty_class, _test_class_not_in_train,
-                                   _unreadable_image])
+                                   _class_beside_the_splits, _unreadable_image])
 def test_a_bad_layout_is_one_line_naming_the_file(fault, tmp_path):
-    """A missing split, an empty class, a test class train lacks and an unreadable image each
-    raise, while the tasks are read or prepared, one line naming the file."""
+    """A missing split, an empty class, a test class train lacks, a class folder beside train/
+    and test/ and an unreadable image each raise, while the tasks are read or prepared, one line
+    naming the file."""
     root = write_tasks(tmp_path / "tasks")
     named = fault(root)
     with pytest.raises(data.DataError) as info:
