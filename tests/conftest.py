@@ -44,6 +44,16 @@ SMALL = dict(clip_model.CONFIGS["tiny"], embed_dim=32, image_resolution=16, visi
              transformer_layers=2)
 
 
+LONGEST = ["test_notebook", "test_compare", "test_train", "test_faults", "test_bench"]  # seconds
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test files first, so that the workers finish together: xdist's own order (the
+    most tests first) started the notebook's single 100 s test last, alone on one core."""
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(LONGEST)))
+
+
 def make_small_clip(seed=0):
     """A random CLIP of the SMALL shape, in eval mode."""
     torch.manual_seed(seed)

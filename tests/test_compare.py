@@ -34,7 +34,7 @@ def test_two_methods_print_the_operating_point_and_plot(tmp_path):
     png = tmp_path / "curves.png"
     out = compare("--methods", "codyra,lora", "--seeds", "8", "--out", str(tmp_path),
                   "--plot", str(png), "--", "--model", "tiny", "--datasets", "shapes,digits",
-                  "--iterations", "30", "--batch-size", "32", "--rank", "4", "--dense-ratio",
+                  "--iterations", "20", "--batch-size", "16", "--rank", "4", "--dense-ratio",
                   "0.25", "--kappa-max", "0.04", "--lr", "5e-3", "--workers", "0", "--holdout",
                   "none", "--routing", "none", "--cache-dir", CACHE)
     assert out.returncode == 0, out.stderr
