@@ -45,9 +45,9 @@ group.add_argument("--lr", type=float, help="peak learning rate, cosine to 0 in 
                    + recipe_help["lr"] + "; --method full: " + recipe_help["lr_full"][9:])
 group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 group = p.add_argument_group("evaluation")
-group.add_argument("--routing", choices=["ae", "oracle", "none"], default="ae", help="the second "
-                   "rows (Tables 1-2, docs/benchmarks.md#second-rows): ae: domain-wise auto-"
-                   "encoders, and the oracle's row; oracle: that row alone; none: neither")
+group.add_argument("--routing", choices=["ae", "oracle", "none"], help="the second rows (Tables "
+                   "1-2, docs/benchmarks.md#second-rows): ae (default): domain-wise auto-encoders "
+                   "and the oracle's row; oracle: that row alone; none: neither (frozen's default)")
 group.add_argument("--head", choices=["rail-primal", "rail-dual"], help="RAIL's head (Table 5)")
 group.add_argument("--rail-width", type=int, help="RAIL-Primal's D; " + recipe_help["rail_width"])
 group.add_argument("--no-zero-shot", action="store_true",
@@ -57,6 +57,7 @@ group.add_argument("--resume", action="store_true", help="continue the run in --
 group.add_argument("--plot", action="store_true", help="write figures into --out (matplotlib)")
 args = p.parse_args()
 evaluation.check_arguments(p, args, args.method)
+args.routing = args.routing or ("none" if args.method == "frozen" else "ae")
 if args.rail_width is not None and args.head != "rail-primal":  # RAIL-Dual has no width
     p.error(f"--rail-width {args.rail_width}: only --head rail-primal has a width")
 recipe = data.RECIPES[args.setting]  # where no flag is given; --method full: its lr_full

@@ -132,11 +132,13 @@ def test_head_writes_its_rows(small_weights, tmp_path):
 
 def test_frozen_trains_nothing_and_the_head_learns(tmp_path):
     """--method frozen --head rail-primal on the tiny CLIP: every row of the matrix is the
-    zero-shot row, and the fused rows end above it (the head learned something)."""
+    zero-shot row, the fused rows end above it (the head learned something), and with one model
+    there is nothing to route: no second rows unless --routing asks."""
     out = run("--method", "frozen", "--head", "rail-primal", "--datasets", "shapes,digits",
-              "--routing", "none", "--holdout", "none", "--workers", "0", "--out", str(tmp_path))
+              "--holdout", "none", "--workers", "0", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
+    assert res["args"]["routing"] == "none" and res["routed"] == {} and "routed" not in out.stdout
     assert all(row == res["zero_shot"] for row in res["acc"]) and len(res["acc"]) == 2
     zero_shot = sum(res["zero_shot"]) / 2
     assert res["rail"]["metrics"]["last"]["mean"] > zero_shot + 5
