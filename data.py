@@ -517,8 +517,8 @@ def _folder_task(folder, shots, seed):
                          f"val/): add the missing one, or put the classes in {folder} (80/20)")
     if splits and (stray := next((d for d in sorted(folder.iterdir()) if d.is_dir() and d.name[0]
                                   not in "._" and d.name not in ("train", "test", "val")), None)):
-        raise ValueError(f"{stray} sits beside train/, where no image is read: move its images "
-                         "into train/ and test/, or remove it")
+        raise ValueError(f"{stray}: a folder beside train/ is never read; move its images into "
+                         "train/ and test/, or remove it")
     if splits:
         classes, paths, labels = _image_folder(folder / "train")
         tested, test_paths, test_labels = _image_folder(folder / splits[1])
