@@ -64,9 +64,14 @@ def test_imports_follow_the_layout():
     assert not bad, "\n".join(bad)
 
 
-def test_the_allowed_edges_have_no_circle():
-    """The import graph (ALLOWED) is acyclic: a reading order exists."""
-    order, left = [], dict(ALLOWED)
+def test_the_imports_found_in_the_files_have_no_circle():
+    """The import graph the files hold (what imports() finds in each top-level module, whatever
+    ALLOWED says) is acyclic: a reading order exists."""
+    top = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    left = {name: {m for m, _, _ in imports(path, set(top))} - {name}
+            for name, path in top.items()}
+    assert left["train"] >= {"codyra", "loop"}, left["train"]  # the edges are really read
+    order = []
     while left:
         ready = [n for n, deps in left.items() if deps <= set(order)]
         assert ready, f"import circle among {sorted(left)}"
