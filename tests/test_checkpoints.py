@@ -211,19 +211,39 @@ def test_eval_exports_the_shipped_tiny_clip_by_name(tmp_path, monkeypatch):
     assert_same_state(clip_model.load(str(tmp_path / "hf")), tiny_world.pretrained())
 
 
+def shipped_weights():
+    """assets/tiny_clip.pt's tensors read by hand, in fp32: the file holds {"recipe", "made_on",
+    "state_dict": fp16 tensors in our own keys (q_proj, k_proj, v_proj: no packed in_proj)}."""
+    raw = torch.load(tiny_world.SHIPPED, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(w.dtype == torch.float16 for w in raw.values())
+    return {k: w.float() for k, w in raw.items()}
+
+
 def test_shipped_tiny_clip_loads():
-    """clip_model.load reads assets/tiny_clip.pt to the model tiny_world reads from it."""
-    assert_same_state(clip_model.load(tiny_world.SHIPPED), tiny_world.load(tiny_world.SHIPPED))
+    """clip_model.load reads assets/tiny_clip.pt to the file's own fp16 numbers, read here with
+    torch.load: the same keys, every tensor equal."""
+    sd, raw = clip_model.load(tiny_world.SHIPPED).state_dict(), shipped_weights()
+    assert sd.keys() == raw.keys()
+    for key in raw:
+        torch.testing.assert_close(sd[key], raw[key], rtol=0, atol=0, msg=key)
 
 
 def test_analysis_compares_a_checkpoint_with_the_shipped_tiny_clip(tmp_path, monkeypatch,
                                                                    capsys):
-    """python analysis.py CHECKPOINT assets/tiny_clip.pt prints the comparison, no error."""
-    torch.save({"model": tiny_clip("quick_gelu").state_dict()}, tmp_path / "checkpoint.pt")
+    """python analysis.py CHECKPOINT assets/tiny_clip.pt prints the drift of all adapted linears
+    (q, k, v, out, c_fc, c_proj of both towers) stacked: ||W_B - W_A||_F and its share of
+    ||W_A||_F, as recomputed here from the two files."""
+    a = tiny_clip("quick_gelu").state_dict()
+    torch.save({"model": a}, tmp_path / "checkpoint.pt")
     monkeypatch.setattr(sys, "argv", ["analysis.py", str(tmp_path / "checkpoint.pt"),
                                       tiny_world.SHIPPED])
     analysis.main()
-    assert "drift relative to ||W_A||_F" in capsys.readouterr().out
+    b = {k: w for k, w in shipped_weights().items() if ".resblocks." in k and w.dim() == 2}
+    assert len(b) == 6 * (TINY["vision_layers"] + TINY["transformer_layers"])  # the linears
+    drift = sum(float((b[k].double() - a[k].double()).norm()) ** 2 for k in b) ** 0.5
+    base = sum(float(a[k].double().norm()) ** 2 for k in b) ** 0.5
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"||W_B - W_A||_F {drift:.3g} ({100 * drift / base:.2g}% of "), line
 
 
 def export_with(monkeypatch, capsys, *argv):
