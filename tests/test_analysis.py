@@ -148,6 +148,18 @@ def test_report_is_json_and_prints_a_heat_map(small_clip):
     assert "amplification" in text and "drift" in text
     assert rep["update"]["total"] > 0 and rep["amplification"]["pooled"] > 0
     assert rep["gates"]["total"] != rep["gates"]["kept"]  # the snapshot was not zeroed with g
+    # by hand: 2 ranks, g_0 = 0, so one alive in each of the 24 adapters (2 blocks x 6 types x 2
+    # towers, 64 wide, c_fc 64 -> 256): used 4 x (4 x (64 + 64 + 1) + 2 x (64 + 256 + 1)) params
+    with torch.no_grad():
+        dw = math.hypot(*(float(((m.lora_B * m.lora_g) @ m.lora_A).norm())
+                          for _, m in codyra.adapters(model)))
+    assert rep["ranks"]["mean"] == 1.0 and rep["ranks"]["of"] == 2
+    assert rep["used_parameters"] == 4 * (4 * (64 + 64 + 1) + 2 * (64 + 256 + 1))
+    assert rep["update"]["total"] == pytest.approx(dw, rel=1e-4)
+    summary = text.splitlines()[-1].split(" | ")  # the printed numbers are the report's
+    assert summary[:3] == ["mean rank 1.0/2", f"used params {rep['used_parameters'] / 1e6:.3g}M",
+                           f"||dW||_F {dw:.3g} ({100 * rep['update']['relative']:.2g}% of "
+                           "||W_pre||_F)"], summary
 
 
 def test_full_fine_tuning_is_measured_against_the_snapshot(small_clip):
@@ -223,7 +235,20 @@ def test_compare_two_checkpoints(small_weights, tmp_path):
     torch.save(sd, tmp_path / "b.pt")
     out = run_script("analysis.py", small_weights, str(tmp_path / "b.pt"))
     assert out.returncode == 0, out.stderr
-    assert "0.5" in out.stdout and f"{0.5 / S[0].item():.3g}" in out.stdout
+    lines = out.stdout.splitlines()
+
+    def rows(title):  # the block under title: {type: its cells, vision's 2 layers then text's 2}
+        at = next(i for i, line in enumerate(lines) if line.startswith(title)) + 2  # a header
+        return {r.split()[0]: [c for c in r.split()[1:] if c != r.split()[0]]
+                for r in lines[at:at + len(analysis.TYPES)]}
+    amp = f"{0.5 / S[0].item():.3g}"
+    for title, cfc, other in (("||W_B - W_A||_F", "0.5", "0"), ("rank of", "1", "0"),
+                              ("amplification of", amp, "-")):
+        expected = {t: [other] * 4 for t in analysis.TYPES}
+        expected["c_fc"] = [cfc, other, other, other]  # vision, layer 0
+        assert rows(title) == expected, title
+    assert lines[-1].startswith("||W_B - W_A||_F 0.5 ("), lines[-1]
+    assert lines[-1].endswith(f"| amplification {amp} (pooled)"), lines[-1]
 
 
 def test_command_line_errors_are_one_line(small_weights, tmp_path, monkeypatch, capsys):
