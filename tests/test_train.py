@@ -14,7 +14,8 @@ import codyra
 import data
 import eval as evaluation
 import loop
-from conftest import CACHE, SMALL, make_small_clip, run_script
+import tiny_world
+from conftest import CACHE, SMALL, draw_once, make_small_clip, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny random CLIP stands in for the pretrained one: these tests check the machinery, not accuracy
@@ -109,13 +110,36 @@ def test_resume_after_kill_gives_the_same_matrix(small_weights, tmp_path):
     assert res["acc"] == json.loads((whole / "results.json").read_text())["acc"]
 
 
+@torch.no_grad()
+def zero_shot_by_hand(model, names):
+    """Each tiny dataset's test accuracy (%) among its own classes, written out here: an image
+    goes to the class whose text feature (the normalised mean of its normalised template
+    features) has the largest dot product with the image's normalised feature."""
+    with mock.patch.object(tiny_world, "generate", draw_once):  # the images drawn once a session
+        tasks = tiny_world.tasks(None, 0, names)
+    data.prepare(tasks, model.visual.input_resolution)
+    row = []
+    for task in tasks:
+        text = torch.stack([F.normalize(F.normalize(model.encode_text(clip_model.tokenize(
+            [t.format(c) for t in task.templates])), dim=-1).mean(0), dim=0)
+            for c in task.classnames])  # (C, E)
+        (x, y), = task.test.batches(len(task.test))  # every test image in one batch
+        image = F.normalize(model.encode_image(clip_model.normalize(x)), dim=-1)  # (N, E)
+        row.append(100.0 * ((image @ text.T).argmax(1) == y).float().mean().item())
+    return row
+
+
 def test_eval_script_writes_one_row(small_weights, tmp_path):
-    """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json."""
+    """eval.py evaluates a model on every dataset of a setting and writes a one-row results.json
+    and the hold-out's row: each the accuracy zero_shot_by_hand computes for the model."""
     out = run_script("eval.py", "--setting", "tiny", "--model", small_weights, "--workers", "0",
                      "--cache-dir", CACHE, "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["acc"]) == 1 and len(res["acc"][0]) == len(res["datasets"]) >= 5
+    assert res["holdout"]["datasets"] == ["positions"]
+    by_hand = zero_shot_by_hand(clip_model.load(small_weights), res["datasets"] + ["positions"])
+    assert res["acc"][0] + res["holdout"]["acc"] == pytest.approx(by_hand, abs=1e-3)
 
 
 def test_zero_shot_row_comes_first_and_equals_eval_py(small_weights, tmp_path):
