@@ -231,10 +231,14 @@ def _labelled(train, test, classes):
     return classes, *(_set([(p, index[c]) for p, c in pairs]) for pairs in (train, test))
 
 
+def _folders(root, skip=()):  # root's subfolders, sorted; not hidden (.ipynb_checkpoints, __MACOSX)
+    return sorted(d for d in os.listdir(root)
+                  if d not in skip and d[0] not in "._" and (root / d).is_dir())
+
+
 def _image_folder(root, skip=()):
     """torchvision's ImageFolder root/<class>/<image>: (class folders, paths, labels), sorted."""
-    classes = sorted(c for c in os.listdir(root) if c not in skip and (root / c).is_dir()
-                     and c[0] not in "._")  # not .ipynb_checkpoints, __MACOSX
+    classes = _folders(root, skip)
     if not classes:
         raise ValueError(f"{root} holds no class folder: put each class's images in <class>/ there")
     paths, labels = [], []
@@ -515,10 +519,9 @@ def _folder_task(folder, shots, seed):
     if splits and (splits[0] != "train" or len(splits) == 1):
         raise ValueError(f"{folder} has {'/ and '.join(splits)}/ but needs train/ and test/ (or "
                          f"val/): add the missing one, or put the classes in {folder} (80/20)")
-    if splits and (stray := next((d for d in sorted(folder.iterdir()) if d.is_dir() and d.name[0]
-                                  not in "._" and d.name not in ("train", "test", "val")), None)):
-        raise ValueError(f"{stray}: a folder beside train/ is never read; move its images into "
-                         "train/ and test/, or remove it")
+    if splits and (stray := _folders(folder, skip=("train", "test", "val"))):
+        raise ValueError(f"{folder / stray[0]}: a folder beside train/ is never read; move its "
+                         "images into train/ and test/, or remove it")
     if splits:
         classes, paths, labels = _image_folder(folder / "train")
         tested, test_paths, test_labels = _image_folder(folder / splits[1])
@@ -576,8 +579,7 @@ def load_folders(data_dir, shots=None, seed=0, names=None, holdout=()):
     (default: all but `holdout`, sorted), train sets `shots`-shot (None: none), and the `holdout`
     ones without. Prints each one's size; a problem raises DataError naming the file and the fix."""
     data_dir = Path(data_dir).expanduser()
-    found = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and d.name[0] not in "._"
-                   ) if data_dir.is_dir() else []
+    found = _folders(data_dir) if data_dir.is_dir() else []
     if not found:
         what = "holds no task folder" if data_dir.is_dir() else (
             "is a file" if data_dir.exists() else "does not exist")

@@ -1,6 +1,5 @@
-"""How one task is learned (SPEC section 1), the same for train.py and the notebook: CLIP's
-contrastive loss of the task's images against its class prompts, optimized step by step, each
-optimizer step followed by CoDyRA's proximal step on every g."""
+"""How one task is learned (SPEC section 1), for train.py and the notebook alike: CLIP's contrastive
+loss of its images against its class prompts, each optimizer step followed by the proximal step."""
 import contextlib
 import itertools
 import math

@@ -169,8 +169,7 @@ def learn(t, task, train_set, times):
         model.requires_grad_(True).logit_scale.requires_grad_(False)
     else:
         codyra.inject(model, args.rank, where=placement)
-    start = analysis.snapshot(model, placement)  # which ranks survive depends on |g| at init
-    stepping = time.time()
+    start, stepping = analysis.snapshot(model, placement), time.time()  # |g| at init: who survives
     for it, loss, tau in loop.steps(model, task, train_set, args, t, earlier, device, autocast):
         if (it + 1) % max(1, args.iterations // 5) == 0:  # five progress lines per task
             ranks, seconds = codyra.rank_stats(model), time.time() - stepping
